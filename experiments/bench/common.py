@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import platform
+import re
 import statistics
 import time
 from typing import Any, Callable
@@ -83,5 +86,58 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def write_json(path: str, payload: dict[str, Any]) -> None:
-    with open(path, "w") as f:
+    """Write ``payload`` atomically (temp file + rename): an interrupted run leaves the last full file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
         json.dump(payload, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def geomean(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None and v > 0]
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else None
+
+
+def load_average() -> list[float] | None:
+    """1, 5 and 15 minute load averages (``uptime``), None where the OS has none."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):  # pragma: no cover - non-POSIX
+        return None
+
+
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+class PeakRSS:
+    """Peak resident memory of this process inside a ``with`` block, above the RSS at its start.
+
+    Linux only: writing 5 to /proc/self/clear_refs resets the high-water mark ``VmHWM``, which is
+    read back at exit. ``delta_bytes`` (None where unsupported) is approximate: memory the
+    allocators kept from earlier work is reused without raising the mark, and other threads of
+    the process count too. Good for "did this build a B^3 tensor" questions, not for byte counts.
+    """
+
+    def __init__(self) -> None:
+        self.delta_bytes: int | None = None
+        self._start: int | None = None
+
+    def __enter__(self) -> "PeakRSS":
+        self._start = _proc_status_kib("VmRSS")
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            self._start = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        peak = _proc_status_kib("VmHWM")
+        if self._start is not None and peak is not None:
+            self.delta_bytes = max(peak - self._start, 0) * 1024
