@@ -79,3 +79,13 @@ def test_run_case_records_a_skip_and_keeps_going(tmp_path):
     per_size = json.loads((tmp_path / "bench_losses_cpu_b16_d4.json").read_text())
     assert per_size["B"] == 16 and not per_size["partial"] and per_size["rows"][0]["loss"] == "contrastive"
     assert "contrastive" in losses.markdown_report([per_size])
+
+
+def test_triplet_memory_script_reports_xla_and_rss_memory():
+    from experiments.bench import triplet_memory
+
+    result = triplet_memory.main(["--mining", "all", "--batch", "16", "--dim", "4"])
+    assert result["grad_finite"] and result["loss"] > 0
+    assert result["b2_float32_bytes"] == 16 * 16 * 4 and result["b3_bool_bytes"] == 16**3
+    assert 0 < result["xla_temp_bytes"] <= result["xla_bytes"]
+    assert result["peak_rss_bytes"] >= result["rss_before_bytes"] > 0
