@@ -48,7 +48,7 @@ def test_predicted_time_scales_from_smaller_batches_and_dims():
     assert seconds == pytest.approx(0.64 * 64)
     times = {(256, 128): 0.01, (1024, 128): 0.02}  # overhead-dominated: exponent clamped to 2
     assert losses.predict_seconds(times, 4096, 128)[0] == pytest.approx(0.02 * 16)
-    assert losses.predict_seconds({(256, 128): 0.5}, 1024, 128)[0] == pytest.approx(0.5 * 64)  # one point: 3
+    assert losses.predict_seconds({(256, 128): 0.5}, 1024, 128)[0] == pytest.approx(0.5 * 32)  # one point: 2.5
     # same batch, smaller dim, scaled by the dim ratio seen at a smaller batch; the larger estimate wins
     times = {(256, 128): 0.01, (256, 512): 0.03, (1024, 128): 0.16, (1024, 512): 0.48, (4096, 128): 10.0}
     seconds, how = losses.predict_seconds(times, 4096, 512)
@@ -58,7 +58,7 @@ def test_predicted_time_scales_from_smaller_batches_and_dims():
 
 def test_history_skips_predicted_slow_and_previously_failed_sides():
     history = losses.History()
-    history.add_row({"loss": "a", "B": 256, "D": 128, "dmljax_ms": 10.0, "pml_ms": 2000.0})
+    history.add_row({"loss": "a", "B": 256, "D": 128, "dmljax_ms": 10.0, "pml_ms": 4000.0})
     history.add_row({"loss": "b", "B": 256, "D": 128, "pml_error": "out of memory: RuntimeError"})
     history.add_row({"loss": "c", "B": 256, "D": 128, "pml_error": "skipped: above pml_max_batch (B^3 mining)"})
     assert history.skip_reason("a", "dmljax", 1024, 128, max_case_s=60) is None  # 0.64 s predicted

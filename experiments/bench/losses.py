@@ -26,7 +26,7 @@ Cases that cannot run are recorded, never fatal (``<side>_error`` in the row, th
   * ``skipped: predicted ...``: the time cap. Before running a side at (B, D) the driver predicts
     its seconds per call from that side's earlier measurements (this run, plus ``--prior`` JSON
     files): from the largest smaller B at the same D, scaled by (B / B_prev)^k, k the exponent
-    fitted between the two largest smaller batches, clamped to [2, 3] (k = 3 with one point);
+    fitted between the two largest smaller batches, clamped to [2, 3] (k = 2.5 with one point);
     and from the same B at a smaller D, scaled by the D ratio measured at a smaller B. The larger
     estimate counts; above ``--max-case-s`` (default 60 s per call) the side is skipped. A side
     skipped, out of memory or killed at some (B, D) is skipped at every larger (B, D).
@@ -331,7 +331,7 @@ def predict_seconds(times: dict[tuple[int, int], float], batch: int, dim: int) -
     if smaller_b:
         b1 = smaller_b[-1]
         t1 = times[(b1, dim)]
-        k = 3.0
+        k = 2.5  # one point: between the B^2 and B^3 losses (the hard cap of --isolate backs it up)
         if len(smaller_b) >= 2:
             b0 = smaller_b[-2]
             t0 = times[(b0, dim)]
