@@ -142,3 +142,64 @@ def test_gallery_permutation_and_rotation_invariance(seed, metric):
     idx_r, dist_r = knn(q @ rot, g @ rot, k=4, metric=metric, gallery_block_size=4)
     np.testing.assert_array_equal(idx_r, idx)
     np.testing.assert_allclose(dist_r, dist, rtol=1e-7, atol=1e-9)
+
+
+def _int_grid_points(seed, n, d, levels):
+    """Points on a small integer grid: many exactly tied distances (exact in float64)."""
+    return np.random.default_rng(seed).integers(0, levels, size=(n, d)).astype(np.float64)
+
+
+@pytest.mark.parametrize("metric", ["squared_euclidean", "dot"])
+def test_symmetric_tiles_and_two_stage_top_k_match_brute_force_with_ties(metric):
+    # n = 150 in blocks of 40 (4 tiles per side, padded last block); width 40 = 5 chunks of 8 > k,
+    # so the two-stage (chunk maxima) top-k runs on rows and columns of the off-diagonal tiles
+    x = _int_grid_points(5, 150, 3, 3)
+    idx, dist = knn(x, k=4, metric=metric, block_size=40)
+    ref_idx, ref_dist = brute_force_knn(x, x, 4, metric, exclude_self=True)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_allclose(dist, ref_dist, rtol=1e-12, atol=1e-12)
+
+
+def test_two_stage_cross_search_matches_brute_force_with_ties():
+    q, g = _int_grid_points(6, 30, 2, 4), _int_grid_points(7, 130, 2, 4)
+    idx, dist = knn(q, g, k=3, metric="squared_euclidean", block_size=16, gallery_block_size=48)
+    ref_idx, ref_dist = brute_force_knn(q, g, 3, "squared_euclidean", exclude_self=False)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_allclose(dist, ref_dist, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [4, 8])
+def test_candidates_contain_the_stable_top_k(chunk):
+    """Row and column candidates hold the exact top-k (score desc, index asc) of each row/column."""
+    s = np.random.default_rng(8).integers(0, 5, size=(24, 32)).astype(np.float64)  # heavy ties
+    k = 3
+    for scores, cand_fn in ((s, knn_module._row_candidates), (s.T, None)):
+        if cand_fn is None:
+            cand, pos = knn_module._col_candidates(jnp.asarray(s), k, chunk)
+        else:
+            cand, pos = cand_fn(jnp.asarray(scores), k, chunk)
+        assert cand.shape[1] == k * chunk
+        np.testing.assert_array_equal(cand, np.take_along_axis(scores, np.asarray(pos), axis=1))
+        assert np.all(np.diff(np.asarray(pos), axis=1) > 0)  # ascending positions
+        ref = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        top, p = jax.lax.top_k(cand, k)
+        np.testing.assert_array_equal(np.take_along_axis(np.asarray(pos), np.asarray(p), axis=1), ref)
+
+
+def test_self_search_progress_equals_single_call():
+    x = np.random.default_rng(9).normal(size=(70, 4))
+    plain = knn(x, k=5, block_size=24)
+    shown = knn(x, k=5, block_size=24, progress=True)
+    np.testing.assert_array_equal(shown[0], plain[0])
+    np.testing.assert_array_equal(shown[1], plain[1])
+
+
+def test_self_search_memory_bounded_by_tiles():
+    n, d, b = 2048, 8, 256
+    x = np.random.default_rng(10).normal(size=(n, d)).astype(np.float32)
+    xb = x.reshape(n // b, b, d)
+    compiled = knn_module._self_search_all.lower(xb, (xb ** 2).sum(-1), k=5, metric="euclidean",
+                                                  num_items=n).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp < 8 * b * b * 4, temp
+    assert temp < n * n * 4 / 20
