@@ -18,3 +18,4 @@ from dmljax.data.omniglot import (
     one_shot_error,
 )
 from dmljax.data.samplers import HierarchicalSampler, MPerClassSampler, RepeatedCompositionSampler
+from dmljax.data.tuple_samplers import FixedSetOfTriplets, TuplesToWeightsSampler, tuple_counts, tuple_weights

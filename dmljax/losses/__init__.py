@@ -64,3 +64,4 @@ from dmljax.losses.margin_family import (
     threshold_consistent_margin_loss,
     tuplet_margin_loss,
 )
+from dmljax.losses.centroid import centroid_triplet_loss

@@ -22,3 +22,4 @@ from dmljax.mining.extra import (
     n_hardest,
     uniform_histogram_miner,
 )
+from dmljax.mining.subset import MaximumLossSubset, maximum_loss_miner, random_subsets
