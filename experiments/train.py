@@ -9,8 +9,52 @@
 
 Writes ``<workdir>/metrics.jsonl`` (one JSON record per logged step / evaluation),
 ``<workdir>/metrics.csv`` (train scalars), ``<workdir>/final.json`` (the final table),
+``<workdir>/run_info.json`` (class / item counts, read when the run is used as a teacher),
 TensorBoard events when tensorboardX is installed, and orbax checkpoints under
 ``<workdir>/checkpoints/{latest,best}``.
+
+Trainer flags (all ``--set key=value``; values are Python literals):
+
+* ``loss.name=<name>``: any training loss exported by `dmljax.losses` (`available_losses()`:
+  short names such as ``contrastive``, ``arcface``, ``soft_triple``, ``proxy_nca``, ``circle``,
+  or the full function name); ``loss.options.<kw>=...`` sets any keyword option of it (plus
+  initialiser options: ``proxies_per_class``, ``centers_per_class``, ``sub_centers``,
+  ``num_proxies``, ``init_std``, ``beta_init``, ``class_specific``; center loss ``alpha``).
+  Learnable arrays (proxies, class weights, margin-loss beta) are created with the initialiser of
+  the matching head of `dmljax.models.proxies` / `classifier_heads` and trained at
+  ``optim.loss_lr_mult``; the center loss's centers and the dynamic soft margin's histogram are
+  carried state. The historic keys ``loss.margin / alpha / ms_*`` still configure
+  proxy_anchor, triplet and multi_similarity.
+* ``loss.name=ensemble loss.components="['multi_similarity','proxy_anchor']"``: learned loss
+  weights (`dmljax.losses.ensemble`, ``loss.options.method`` uncertainty | softmax), logged as
+  ``loss_weight/<i>_<name>`` at every log step. Components may be dicts ``{"name": ...,
+  "options": {...}}``.
+* ``method.name=<m>`` in ``none, daml, hard_sample_generation, iaa, das, divide_conquer,
+  alternating_projection, bspml`` with ``method.options.<kw>=...`` (`dmljax.methods.plugin`
+  options): the method wraps the configured base loss; its generator / refiner networks train
+  with the loss parameters, its state (IAA / DAS statistics, projection targets, ...) is carried
+  and checkpointed. ``alternating_projection`` switches the sampler to
+  `RepeatedCompositionSampler` (``method.options.repeat``, ``representatives_per_class``).
+  ``divide_conquer`` re-clusters the whole training set with k-means every
+  ``method.options.recluster_every`` steps (default 2 epochs; `dmljax.train.loop.KMeansReclustering`,
+  a before-step callback of the loop) and passes the batch's cluster ids to the method.
+* ``data.label_noise=0.2`` (``data.label_noise_kind`` symmetric | pairflip): corrupt that
+  fraction of the training labels (`dmljax.methods.label_noise`), e.g. for ``bspml``.
+* ``memory.size=N`` (``memory.start_step``): cross-batch memory (XBM) of N embeddings for a pair
+  loss (`build_memory_loss`).
+* ``distill.teacher=<workdir> distill.weight=1.0`` (``distance_weight``, ``angle_weight``):
+  relational knowledge distillation (RKD, `dmljax.losses.distillation`) from the frozen model of
+  an earlier run (rebuilt from its ``config.json`` and best checkpoint) into the configured model.
+* ``model.backbone=global_local`` (``model.global_local.local_dim / local_embedding_dim /
+  local_weight``): global + second-order-attention local embeddings
+  (`dmljax.models.attention`), trained with ``L(global) + local_weight L(local)`` of the
+  configured loss; ``loss.name=hybrid_pair_proxy`` gives the abstract's hybrid pair + proxy loss.
+* ``eval.rerank="similarity"``: at the end, `experiments.rerank.rerank_report` re-ranks the test
+  kNN lists with a similarity network trained on the training embeddings; its metrics are merged
+  into the final table.
+* a config with ``entry="module.path"`` is not trained here: ``main`` returns
+  ``importlib.import_module(entry).run(config, workdir)`` (e.g. the synthetic tasks).
+* ``data.name="toy"``: a tiny synthetic image set (`dmljax.train.toy`), for smoke tests.
 
 Multi-device: ``--set train.data_parallel=True`` shards each global batch over all local
 devices with ``jax.shard_map`` (see `dmljax.train.step.make_parallel_train_step`). Multi-host:
@@ -24,22 +68,28 @@ from __future__ import annotations
 import argparse
 import ast
 import csv
+import dataclasses
 import functools
+import importlib
+import inspect
 import json
 import os
 import shutil
 import sys
 import time
+import types
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dmljax._validation import check_choice, check_scalar
 from dmljax.models.convnet import ConvNet
 from dmljax.models.heads import EmbeddingHead, EmbeddingModel
 from dmljax.train.checkpoint import Checkpointer
-from dmljax.train.loop import fit
+from dmljax.train.loop import KMeansReclustering, fit
 from dmljax.train.optim import make_optimizer
 from dmljax.train.state import create_train_state
 from dmljax.train.step import data_mesh, embed, make_parallel_train_step, train_step
@@ -48,7 +98,10 @@ from experiments.configs import get_config
 
 # ----------------------------------------------------------------------------- config
 def apply_overrides(config, overrides):
-    """``key.sub=value`` strings -> config (values parsed as Python literals, else strings)."""
+    """``key.sub=value`` strings -> config (values parsed as Python literals, else strings).
+
+    Keys must exist, except below an ``options`` node (``loss.options.<kw>``,
+    ``method.options.<kw>``), whose entries are free-form keyword options."""
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"--set expects key=value, got {item!r}")
@@ -60,11 +113,16 @@ def apply_overrides(config, overrides):
         node = config
         *parents, leaf = key.split(".")
         for p in parents:
+            if p not in node:
+                raise ValueError(f"--set: unknown config key {key!r}")
             node = node[p]
         if leaf not in node:
+            if parents and parents[-1] == "options":
+                node[leaf] = value
+                continue
             raise ValueError(f"--set: unknown config key {key!r}")
         old = node[leaf]
-        if isinstance(old, float) and isinstance(value, int):
+        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if isinstance(old, tuple) and isinstance(value, list):
             value = tuple(value)
@@ -73,7 +131,29 @@ def apply_overrides(config, overrides):
 
 
 # ----------------------------------------------------------------------------- parts
+TOY_TRAIN_CLASSES, TOY_TEST_CLASSES, TOY_PER_CLASS = 8, 4, 8
+
+
+def _toy_source(config):
+    """``data.name="toy"``: `dmljax.train.toy.toy_images` at ``data.image_size``; 8 training
+    classes, 4 unseen test classes (other random patterns), 8 images each."""
+    from dmljax.train.toy import toy_images
+    from experiments.data_sources import DataSource, EvalSet
+    size = int(config.data.image_size)
+    images, labels = toy_images(config.seed, num_classes=TOY_TRAIN_CLASSES, per_class=TOY_PER_CLASS, size=size)
+    test_images, test_labels = toy_images(config.seed + 1, num_classes=TOY_TEST_CLASSES,
+                                          per_class=TOY_PER_CLASS, size=size)
+    return DataSource("toy", images, labels, TOY_TRAIN_CLASSES, EvalSet(test_images, test_labels), channels=1)
+
+
+def _grey_convnet_data(config) -> bool:
+    return config.data.name in ("omniglot", "toy")
+
+
 def load_data(config):
+    if config.data.name == "toy":
+        source = _toy_source(config)
+        return source.train_images, source.train_labels, source.num_classes, source, None
     if config.data.name != "omniglot":  # CUB / Cars (TFDS), SOP, In-shop, image folders
         from experiments.data_sources import load_data_source
         source = load_data_source(config)  # stands in for `test` (.images / .labels = the test set)
@@ -92,13 +172,64 @@ def load_data(config):
     return images, labels, num_classes, test, runs
 
 
+def add_label_noise(config, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """``data.label_noise`` > 0: corrupt exactly that fraction of the training labels
+    (`dmljax.methods.label_noise.inject_label_noise`, kind ``data.label_noise_kind``; key from
+    the seed), as in the noisy-label experiments of BSPML. The test labels stay clean."""
+    rate = float(config.data.get("label_noise", 0.0) or 0.0)
+    if rate == 0.0:
+        return labels
+    from dmljax.methods.label_noise import inject_label_noise
+    kind = config.data.get("label_noise_kind", "symmetric")
+    key = jax.random.fold_in(jax.random.key(config.seed), 0x4E015E)
+    noisy = inject_label_noise(key, jnp.asarray(labels, jnp.int32), rate=rate, kind=kind, num_classes=num_classes)
+    return np.asarray(noisy, np.int32)
+
+
+class ConvFeatureMap(nnx.Module):
+    """The Omniglot `ConvNet` without its final pooling: images -> feature map [N, s, s, C]."""
+
+    def __init__(self, in_channels: int, channels, *, num_pools: int, input_size: int, rngs: nnx.Rngs):
+        self.net = ConvNet(in_channels, tuple(channels), num_pools=num_pools, pooling="flatten",
+                           input_size=input_size, rngs=rngs)
+        self.side = input_size // 2 ** num_pools
+        self.channels = int(channels[-1])
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        flat = self.net(images)
+        return flat.reshape(flat.shape[0], self.side, self.side, self.channels)
+
+
+class GlobalLocalModel(nnx.Module):
+    """``backbone`` feature map -> `dmljax.models.attention.GlobalLocalEmbedding` -> the
+    concatenation [global (D), local (D_local)] of the two unit embeddings (the step's loss
+    splits it again; retrieval uses the concatenation, i.e. cosine of the pair averaged)."""
+
+    def __init__(self, backbone: nnx.Module, head: nnx.Module):
+        self.backbone = backbone
+        self.head = head
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        g, l = self.head(self.backbone(images))
+        return jnp.concatenate([g, l], axis=-1)
+
+
 def build_model(config, key: int):
-    if config.data.name != "omniglot" or config.model.backbone != "convnet":
+    if config.model.backbone == "global_local":
+        if not _grey_convnet_data(config):
+            raise ValueError("model.backbone='global_local' is available for data.name 'omniglot' / 'toy'")
+        from dmljax.models.attention import GlobalLocalEmbedding
+        gl = _section(config.model, "global_local", local_dim=64, local_embedding_dim=0, local_weight=1.0)
+        rngs = nnx.Rngs(key)
+        backbone = ConvFeatureMap(1, config.model.channels, num_pools=config.model.num_pools,
+                                  input_size=config.data.image_size, rngs=rngs)
+        head = GlobalLocalEmbedding(backbone.channels, config.model.embedding_dim, local_dim=int(gl.local_dim),
+                                    local_embedding_dim=int(gl.local_embedding_dim) or None, rngs=rngs)
+        return GlobalLocalModel(backbone, head)
+    if not _grey_convnet_data(config) or config.model.backbone != "convnet":
         from experiments.data_sources import build_model as build_source_model
         return build_source_model(config, rngs=nnx.Rngs(key))
     rngs = nnx.Rngs(key)
-    if config.model.backbone != "convnet":
-        raise ValueError(f"model.backbone {config.model.backbone!r} is not supported by this CLI yet")
     backbone = ConvNet(1, tuple(config.model.channels), num_pools=config.model.num_pools,
                        pooling=config.model.pooling, input_size=config.data.image_size, rngs=rngs)
     head = EmbeddingHead(backbone.features, config.model.embedding_dim,
@@ -107,22 +238,471 @@ def build_model(config, key: int):
 
 
 def build_loss(config, num_classes: int, key):
-    name = config.loss.name
-    if name == "proxy_anchor":
-        from dmljax.losses.proxy import proxy_anchor_loss
-        # Kim et al. 2020 initialise proxies with Kaiming normal (std sqrt(2 / fan_in))
-        proxies = jax.random.normal(key, (num_classes, config.model.embedding_dim)) * np.sqrt(
-            2.0 / config.model.embedding_dim)
-        return functools.partial(proxy_anchor_loss, margin=config.loss.margin,
-                                 alpha=config.loss.alpha), (proxies.astype(jnp.float32),)
-    if name == "multi_similarity":
-        from dmljax.losses.weighted import multi_similarity_loss
-        return functools.partial(multi_similarity_loss, alpha=config.loss.ms_alpha, beta=config.loss.ms_beta,
-                                 base=config.loss.ms_base, epsilon=config.loss.ms_epsilon), ()
-    if name == "triplet":
-        from dmljax.losses.triplet import triplet_margin_loss
-        return functools.partial(triplet_margin_loss, margin=config.loss.margin), ()
-    raise ValueError(f"loss.name {name!r} is not one of proxy_anchor, multi_similarity, triplet")
+    """``(loss_fn, loss_params)`` of ``loss.name`` for a plain (stateless, key-free) loss; see
+    `build_objective` for everything else."""
+    spec = build_loss_spec(config, num_classes=num_classes, dim=config.model.embedding_dim, key=key)
+    if spec.plain is None:
+        raise ValueError(f"loss {spec.name} carries a state or needs a key: use build_objective")
+    return spec.plain, spec.params
+
+
+# ----------------------------------------------------------------------------- loss registry
+# Every loss exported by dmljax.losses whose signature is ``fn(embeddings, labels[, learnable
+# array], *, options...) -> scalar`` is selectable as ``loss.name`` (short name without the
+# "_loss" suffix, or the full function name). Learnable arrays are created here with the
+# initialisation of the matching head in dmljax.models.{proxies,classifier_heads} (the init
+# helpers of the library); two losses carry a non-trainable state (center loss: the centers,
+# moved by Wen et al.'s update rule; dynamic soft margin: its running histogram).
+LOSS_ALIASES = {"triplet": "triplet_margin_loss"}
+# exported by dmljax.losses but not an (embeddings, labels[, params]) -> scalar training loss
+NOT_TRAINABLE_LOSSES = {
+    "fraction_active_triplets": "a batch statistic, not a loss",
+    "imprint_weights": "returns class weights (an initialiser), not a loss",
+    "hier_regularized_loss": "needs a base_loss callable: use loss.name=ensemble or hier",
+    "log_ratio_loss": "takes continuous targets, not class labels",
+}
+_STATE_KW = ("valid", "key")  # never options: the trainer passes them
+
+
+def _fold(key, i):
+    return None if key is None else jax.random.fold_in(key, i)
+
+
+def _head_param(head_cls, attr, *args, **kwargs):
+    """Initial array of ``head_cls(*args, rngs=..., **kwargs).attr`` (the library's initialiser)."""
+    from flax import nnx as _nnx
+
+    def build(key):
+        head = head_cls(*args, rngs=_nnx.Rngs(params=key), **kwargs)
+        return jnp.asarray(getattr(head, attr)[...], jnp.float32)
+    return build
+
+
+def _param_init(fname: str, opts: dict, num_classes: int, dim: int):
+    """(init(key) -> array, options consumed by the initialiser) for a loss with one learnable
+    array after the labels, or None when the loss has none / is unknown."""
+    from dmljax.models import classifier_heads as ch
+    from dmljax.models import proxies as px
+    C, D = num_classes, dim
+    pop = opts.pop
+    if fname == "proxy_anchor_loss":
+        # the trainer's historic initialisation: N(0, 2 / D) (results recorded in the configs use it)
+        return lambda key: (jax.random.normal(key, (C, D)) * np.sqrt(2.0 / D)).astype(jnp.float32)
+    if fname == "proxy_nca_loss":
+        return _head_param(px.ProxyNCAHead, "proxies", C, D)
+    if fname == "multi_proxy_anchor_loss":
+        return _head_param(px.MultiProxyAnchorHead, "proxies", C, D, int(pop("proxies_per_class", 3)))
+    if fname == "soft_triple_loss":
+        return _head_param(px.SoftTripleHead, "proxies", C, D, int(pop("centers_per_class", 10)))
+    if fname == "hier_loss":
+        return _head_param(px.HIERHead, "proxies", int(pop("num_proxies", 512)), D,
+                           clip_r=opts.get("clip_r", 2.3) or 2.3)
+    heads = {"normalized_softmax_loss": ch.NormalizedSoftmaxHead, "cosface_loss": ch.CosFaceHead,
+             "arcface_loss": ch.ArcFaceHead, "sphereface_loss": ch.SphereFaceHead,
+             "large_margin_softmax_loss": ch.LargeMarginSoftmaxHead}
+    if fname in heads:
+        return _head_param(heads[fname], "weights", C, D, init_std=float(pop("init_std", 1.0)))
+    if fname == "subcenter_arcface_loss":
+        return _head_param(ch.SubCenterArcFaceHead, "weights", C, D, int(pop("sub_centers", 3)),
+                           init_std=float(pop("init_std", 1.0)))
+    if fname in ("hybrid_pair_proxy_loss", "manifold_loss"):
+        return lambda key: px.kaiming_normal_fan_out(key, (C, D))
+    if fname == "p2sgrad_loss":  # class weights N(0, init_std^2), normalised inside the loss
+        std = float(pop("init_std", 1.0))
+        return lambda key: jax.random.normal(key, (C, D)) * std
+    if fname == "instance_loss":  # a plain fully connected layer (PyTorch Linear init)
+        return lambda key: jax.random.uniform(key, (C, D), jnp.float32, -1.0, 1.0) / np.sqrt(D)
+    if fname == "margin_loss":  # learnable boundary beta, per class unless class_specific=False
+        beta0 = float(pop("beta_init", 1.2))  # Wu et al. 2017 initialise beta to 1.2
+        shape = (C,) if pop("class_specific", True) else ()
+        return lambda key: jnp.full(shape, beta0, jnp.float32)
+    return None
+
+
+def _legacy_options(fname: str, loss_cfg) -> dict:
+    """The config keys the 3 historic loss names always had (loss.margin, loss.ms_*, ...)."""
+    g = loss_cfg.get
+    if fname == "proxy_anchor_loss":
+        return {"margin": g("margin", 0.1), "alpha": g("alpha", 32.0)}
+    if fname == "multi_similarity_loss":
+        return {"alpha": g("ms_alpha", 2.0), "beta": g("ms_beta", 50.0), "base": g("ms_base", 0.5),
+                "epsilon": g("ms_epsilon", 0.1)}
+    if fname == "triplet_margin_loss":
+        return {"margin": g("margin", 0.2)}
+    return {}
+
+
+@functools.lru_cache(maxsize=1)
+def _loss_functions() -> dict:
+    """name -> function of every ``dmljax.losses`` export ``*_loss(embeddings, labels, ...)``
+    (``manifold_loss(embeddings, meta_classes, proxies)`` takes the class labels as its
+    meta-classes), minus `NOT_TRAINABLE_LOSSES`."""
+    import dmljax.losses as L
+    out = {}
+    for n in sorted(dir(L)):
+        fn = getattr(L, n)
+        if n.startswith("_") or not callable(fn) or not n.endswith("_loss") or n in NOT_TRAINABLE_LOSSES:
+            continue
+        positional = [p.name for p in inspect.signature(fn).parameters.values()
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if positional[:2] in (["embeddings", "labels"], ["embeddings", "meta_classes"]):
+            out[n] = fn
+    return out
+
+
+def available_losses() -> tuple[str, ...]:
+    """Every name ``loss.name`` accepts (short names; the full function names work too)."""
+    names = set()
+    for n in _loss_functions():
+        names.add(n[:-5] if n.endswith("_loss") else n)
+    return tuple(sorted(names | set(LOSS_ALIASES) | {"ensemble"}))
+
+
+def resolve_loss_name(name) -> str:
+    """``loss.name`` -> the dmljax.losses function name; ValueError listing the names otherwise."""
+    funcs = _loss_functions()
+    if not isinstance(name, str):
+        raise ValueError(f"loss.name must be a string, got {name!r}")
+    for candidate in (LOSS_ALIASES.get(name, name), f"{name}_loss"):
+        if candidate in funcs:
+            return candidate
+    why = NOT_TRAINABLE_LOSSES.get(name) or NOT_TRAINABLE_LOSSES.get(f"{name}_loss")
+    extra = f" ({name}: {why})" if why else ""
+    raise ValueError(f"loss.name {name!r} is not a trainable loss{extra}; choose one of "
+                     f"{', '.join(available_losses())}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """A configured loss in one calling convention:
+    ``call(params: tuple, state, embeddings, labels, key, valid=None) -> (scalar, new_state)``.
+
+    ``plain`` is ``plain(embeddings, labels, *params)`` when the loss needs neither a state nor a
+    key (the train step's ``loss_fn``), else None. ``names`` label the components (ensembles)."""
+
+    name: str
+    call: Callable
+    params: tuple
+    state: Any = ()
+    plain: Callable | None = None
+    options: dict = dataclasses.field(default_factory=dict)
+    names: tuple = ()
+
+    @property
+    def stateful(self) -> bool:
+        return bool(jax.tree.leaves(self.state))
+
+
+def _kw_options(fn) -> dict[str, inspect.Parameter]:
+    return {p.name: p for p in inspect.signature(fn).parameters.values()
+            if p.kind == p.KEYWORD_ONLY and p.name not in _STATE_KW}
+
+
+def build_single_loss(name, options, *, loss_cfg, num_classes: int, dim: int, key) -> LossSpec:
+    """One library loss (see the registry comment above) with its options and learnable array."""
+    fname = resolve_loss_name(name)
+    fn = _loss_functions()[fname]
+    opts = {**_legacy_options(fname, loss_cfg), **dict(options or {})}
+    init = _param_init(fname, opts, num_classes, dim)
+    kw = _kw_options(fn)
+    params_sig = [p for p in inspect.signature(fn).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if fname == "center_loss":
+        from dmljax.losses.classification import center_update
+        from dmljax.models.classifier_heads import xavier_uniform_centers
+        alpha = float(opts.pop("alpha", 0.5))  # Wen et al.: the centers' update rate
+        _check_options(fname, opts, kw)
+        bound = functools.partial(fn, **opts)
+
+        def call(params, centers, x, y, k, valid=None):
+            value = bound(x, y, centers, **({} if valid is None else {"valid": valid}))
+            return value, center_update(centers, x, y, alpha=alpha, valid=valid)
+        return LossSpec(fname, call, (), xavier_uniform_centers(key, (num_classes, dim)), None, opts, (fname,))
+    if fname == "dynamic_soft_margin_loss":
+        _check_options(fname, opts, kw)
+        bound = functools.partial(fn, **opts)
+        bins = int(opts.get("num_bins", kw["num_bins"].default))
+
+        def call(params, hist, x, y, k, valid=None):
+            return bound(x, y, hist, **({} if valid is None else {"valid": valid}))
+        return LossSpec(fname, call, (), jnp.zeros((bins,), jnp.float32), None, opts, (fname,))
+    needs_array = len(params_sig) > 2 and params_sig[2].default is inspect.Parameter.empty
+    if needs_array and init is None:
+        raise ValueError(f"loss.name {name!r}: no initialiser for its learnable array {params_sig[2].name!r}")
+    _check_options(fname, opts, kw)
+    missing = [n for n, p in kw.items() if p.default is inspect.Parameter.empty and n not in opts]
+    if missing:
+        raise ValueError(f"loss {fname} needs loss.options.{missing[0]} (no default)")
+    params = (init(key),) if needs_array else ()
+    bound = functools.partial(fn, **opts)
+    keyed = "key" in inspect.signature(fn).parameters
+
+    def call(params, state, x, y, k, valid=None):
+        extra = {} if valid is None else {"valid": valid}
+        if keyed:
+            extra["key"] = k
+        return bound(x, y, *params, **extra), state
+    return LossSpec(fname, call, params, (), None if keyed else bound, opts, (fname,))
+
+
+def _check_options(fname, opts, kw):
+    unknown = sorted(set(opts) - set(kw))
+    if unknown:
+        raise ValueError(f"loss.options: {unknown} are not options of {fname} (options: {sorted(kw)})")
+
+
+def build_ensemble_loss(loss_cfg, *, num_classes: int, dim: int, key) -> LossSpec:
+    """``loss.name=ensemble``: `dmljax.losses.ensemble.weighted_loss_ensemble` over
+    ``loss.components`` (names, or dicts ``{"name": ..., "options": {...}}``) with K learned raw
+    weights (zeros), ``loss.options``: method ("uncertainty" | "softmax"), entropy_weight."""
+    from dmljax.losses.ensemble import ENSEMBLE_METHODS, weighted_loss_ensemble
+    components = list(loss_cfg.get("components", ()) or ())
+    if not components:
+        raise ValueError("loss.components must list the losses of the ensemble, e.g. "
+                         "--set loss.components=\"['multi_similarity','proxy_anchor']\"")
+    opts = dict(loss_cfg.get("options", {}) or {})
+    method = opts.pop("method", "uncertainty")
+    entropy_weight = float(opts.pop("entropy_weight", 1.0))
+    check_choice(method, name="loss.options.method", choices=ENSEMBLE_METHODS)
+    if opts:
+        raise ValueError(f"loss.options: {sorted(opts)} are not options of the ensemble "
+                         "(method, entropy_weight); give component options in loss.components")
+    specs = []
+    for i, comp in enumerate(components):
+        if isinstance(comp, str):
+            comp_name, comp_opts = comp, {}
+        elif isinstance(comp, dict) or hasattr(comp, "keys"):
+            comp = dict(comp)
+            comp_name, comp_opts = comp.pop("name", None), dict(comp.pop("options", {}) or {})
+            if comp:
+                raise ValueError(f"loss.components[{i}]: unknown keys {sorted(comp)} (name, options)")
+        else:
+            raise ValueError(f"loss.components[{i}] must be a loss name or a dict, got {comp!r}")
+        if comp_name == "ensemble":
+            raise ValueError("loss.components cannot contain another ensemble")
+        specs.append(build_single_loss(comp_name, comp_opts, loss_cfg=loss_cfg, num_classes=num_classes,
+                                       dim=dim, key=jax.random.fold_in(key, i)))
+    counts = [len(s.params) for s in specs]
+    params = (jnp.zeros((len(specs),), jnp.float32),) + tuple(p for s in specs for p in s.params)
+
+    def call(params, state, x, y, k, valid=None):
+        raw, rest, values, new_states, offset = params[0], params[1:], [], [], 0
+        for i, (spec, n) in enumerate(zip(specs, counts)):
+            v, st = spec.call(rest[offset:offset + n], state[i], x, y, _fold(k, i), valid=valid)
+            values.append(v)
+            new_states.append(st)
+            offset += n
+        total, _ = weighted_loss_ensemble(values, raw, method=method, entropy_weight=entropy_weight)
+        return total, tuple(new_states)
+
+    state = tuple(s.state for s in specs)
+    plain = None
+    if all(s.plain is not None for s in specs) and not any(jax.tree.leaves(state)):
+        def plain(x, y, *params):
+            return call(params, state, x, y, None)[0]
+    return LossSpec("ensemble", call, params, state, plain, {"method": method}, tuple(s.name for s in specs))
+
+
+def build_loss_spec(config, *, num_classes: int, dim: int, key) -> LossSpec:
+    loss_cfg = config.loss
+    if loss_cfg.name == "ensemble":
+        return build_ensemble_loss(loss_cfg, num_classes=num_classes, dim=dim, key=key)
+    return build_single_loss(loss_cfg.name, loss_cfg.get("options", {}), loss_cfg=loss_cfg,
+                             num_classes=num_classes, dim=dim, key=key)
+
+
+def split_global_local(global_spec: LossSpec, local_spec: LossSpec, *, dim: int, local_weight: float) -> LossSpec:
+    """The loss of `GlobalLocalModel`'s concatenated [global (dim), local] embeddings:
+    ``L(global) + local_weight * L(local)``, each part with its own learnable arrays (with
+    ``loss.name=hybrid_pair_proxy`` this is `dmljax.models.attention.global_local_hybrid_loss`)."""
+    check_scalar(local_weight, name="model.global_local.local_weight", min_value=0.0)
+    ng = len(global_spec.params)
+
+    def call(params, state, x, y, k, valid=None):
+        vg, sg = global_spec.call(params[:ng], state[0], x[:, :dim], y, _fold(k, 0), valid=valid)
+        vl, sl = local_spec.call(params[ng:], state[1], x[:, dim:], y, _fold(k, 1), valid=valid)
+        return vg + local_weight * vl, (sg, sl)
+
+    state = (global_spec.state, local_spec.state)
+    plain = None
+    if global_spec.plain is not None and local_spec.plain is not None and not any(jax.tree.leaves(state)):
+        def plain(x, y, *params):
+            return call(params, state, x, y, None)[0]
+    return LossSpec(global_spec.name, call, global_spec.params + local_spec.params, state, plain,
+                    global_spec.options, global_spec.names)
+
+
+# ----------------------------------------------------------------------------- objective
+_XBM_NATIVE = {"contrastive_loss": "contrastive", "multi_similarity_loss": "multi_similarity",
+               "triplet_margin_loss": "triplet"}
+
+
+def _section(config, section: str, /, **defaults):
+    """``config.<section>`` with defaults for keys (and whole sections) older configs lack."""
+    node = config.get(section) if hasattr(config, "get") else None
+    out = dict(defaults)
+    if node is not None:
+        out.update({k: node[k] for k in node.keys()})
+    return types.SimpleNamespace(**out)
+
+
+def build_memory_loss(spec: LossSpec, *, size: int, start_step: int, dim: int, batch_size: int):
+    """Cross-batch memory (XBM, `dmljax.memory`) around a pair loss: ``(fn(emb, labels, memory,
+    step) -> (loss, new_memory), initial memory)``.
+
+    contrastive / multi_similarity / triplet use `dmljax.memory.with_xbm`: anchors = the batch,
+    references = the memory (which holds the batch too, minus each row's own copy), PML
+    ``CrossBatchMemory`` semantics, with the configured options (multi-similarity keeps its
+    mining default, on). Any other pair loss (taking ``valid``) is evaluated on the batch
+    concatenated with the (stop-gradient) memory of the PREVIOUS steps, valid slots only, and
+    the batch is enqueued after the loss: memory rows are then also anchors (constants; they
+    contribute no gradient among themselves but count in the loss's normalisation) - an
+    approximation of query x memory for losses without a reference-set form. Before
+    ``start_step`` the batch alone is used (and still enqueued), as the paper's warm-up.
+    """
+    from dmljax.memory import with_xbm, xbm_enqueue, xbm_init
+    if spec.params or spec.stateful or spec.plain is None or spec.name == "ensemble":
+        raise ValueError(f"memory.size > 0 needs a pair loss without learnable arrays, state or key; "
+                         f"loss {spec.name} is not one")
+    if batch_size > size:
+        raise ValueError(f"memory.size ({size}) must be >= the batch size ({batch_size})")
+    memory = xbm_init(size, dim)
+    if spec.name in _XBM_NATIVE:
+        kwargs = dict(spec.options)
+        metric = kwargs.pop("metric", None)
+        if spec.name == "multi_similarity_loss":
+            kwargs.setdefault("mining", True)  # multi_similarity_loss's default (PML's XBM has none)
+        fn = with_xbm(_XBM_NATIVE[spec.name], metric=metric, **kwargs)
+        with_memory = lambda x, y, m: fn(x, y, m)  # noqa: E731
+        warmup = lambda x, y, m: fn(x, y, m, use_memory=False)  # noqa: E731
+    else:
+        if "valid" not in inspect.signature(_loss_functions()[spec.name]).parameters:
+            raise ValueError(f"memory.size > 0: loss {spec.name} takes no valid mask")
+        plain = spec.plain
+
+        def with_memory(x, y, m):
+            refs = jax.lax.stop_gradient(m.embeddings).astype(x.dtype)
+            value = plain(jnp.concatenate([x, refs]), jnp.concatenate([y, m.labels.astype(y.dtype)]),
+                          valid=jnp.concatenate([jnp.ones(x.shape[:1], bool), m.valid]))
+            return value, xbm_enqueue(m, x, y)
+
+        def warmup(x, y, m):
+            return plain(x, y), xbm_enqueue(m, x, y)
+
+    def memory_loss(x, y, m, step):
+        if start_step <= 0:
+            return with_memory(x, y, m)
+        return jax.lax.cond(jnp.asarray(step) >= start_step, lambda: with_memory(x, y, m),
+                            lambda: warmup(x, y, m))
+    return memory_loss, memory
+
+
+@dataclasses.dataclass
+class Objective:
+    """What `create_train_state` needs (a plain ``loss_fn`` or a stateful ``method_fn``) plus the
+    trainer's side information: ``loss_weights(state) -> dict`` (ensemble weights to log),
+    ``method`` name and ``recluster`` settings for divide and conquer."""
+
+    loss_fn: Callable | None
+    method_fn: Callable | None
+    loss_params: Any
+    loss_state: Any
+    spec: LossSpec
+    method: str = "none"
+    num_learners: int = 0
+    recluster_every: int = 0
+
+    def loss_weights(self, state) -> dict[str, float]:
+        if self.spec.name != "ensemble":
+            return {}
+        from dmljax.losses.ensemble import ensemble_weights
+        lp = state.params["loss"]
+        base = lp if self.method_fn is None else lp["base"]
+        w = np.asarray(ensemble_weights(base[0], method=self.spec.options["method"]))
+        return {f"loss_weight/{i}_{n.removesuffix('_loss')}": float(v)
+                for i, (n, v) in enumerate(zip(self.spec.names, w))}
+
+
+def build_objective(config, *, num_classes: int, num_train: int, dim: int, batch_size: int,
+                    steps_per_epoch: int, key, distill: bool = False) -> Objective:
+    """loss.name (+ model.backbone=global_local) -> method.name -> memory -> distillation."""
+    k_loss, k_local, k_method = key, jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)
+    gl = _section(config.model, "global_local", local_dim=64, local_embedding_dim=0, local_weight=1.0)
+    if config.model.backbone == "global_local":
+        local_dim = int(gl.local_embedding_dim) or dim
+        spec = split_global_local(build_loss_spec(config, num_classes=num_classes, dim=dim, key=k_loss),
+                                  build_loss_spec(config, num_classes=num_classes, dim=local_dim, key=k_local),
+                                  dim=dim, local_weight=float(gl.local_weight))
+        dim = dim + local_dim
+    else:
+        spec = build_loss_spec(config, num_classes=num_classes, dim=dim, key=k_loss)
+    m = _section(config, "method", name="none", options={})
+    mem = _section(config, "memory", size=0, start_step=0)
+    d = _section(config, "distill", teacher="", weight=1.0, distance_weight=1.0, angle_weight=2.0)
+    from dmljax.methods.plugin import METHODS, make_method
+    check_choice(m.name, name="method.name", choices=METHODS)
+    options = dict(m.options or {})
+    if m.name == "none" and options:
+        raise ValueError(f"method.options {sorted(options)} given without a method.name")
+    if int(mem.size) > 0 and m.name != "none":
+        raise ValueError("memory.size > 0 (XBM) combines with method.name='none' only")
+    if m.name == "none" and int(mem.size) <= 0 and not distill and spec.plain is not None:
+        return Objective(spec.plain, None, spec.params, None, spec)
+
+    obj = Objective(None, None, {"base": spec.params}, {"base": spec.state}, spec, m.name)
+    method = None
+    memory_loss = None
+    if m.name != "none":
+        if spec.stateful:
+            raise ValueError(f"method.name={m.name!r} needs a base loss without state; {spec.name} has one")
+        if m.name == "alternating_projection":
+            from dmljax.methods.alternating_projection import representative_mask
+            s = config.sampler
+            options["representatives"] = representative_mask(
+                classes_per_batch=s.classes_per_batch, samples_per_class=s.samples_per_class,
+                representatives_per_class=options.pop("representatives_per_class", None))
+        if m.name == "bspml":
+            options.setdefault("steps_per_epoch", max(int(steps_per_epoch), 1))
+        if m.name == "divide_conquer":
+            if spec.params:
+                raise ValueError(f"method.name='divide_conquer' needs a base loss without learnable arrays "
+                                 f"(each learner sees a slice of the embedding); {spec.name} has some")
+            obj.num_learners = int(options.get("num_learners", 4))
+            obj.recluster_every = int(options.pop("recluster_every", 0)) or 2 * max(int(steps_per_epoch), 1)
+            obj.loss_state["clusters"] = jnp.zeros((num_train,), jnp.int32)
+
+        def base_loss(x, y, k, *params, valid=None):
+            return spec.call(params, (), x, y, k, valid=valid)[0]
+
+        method = make_method(m.name, base_loss, num_classes=num_classes, dim=dim,
+                             total_steps=int(config.optim.num_steps), **options)
+        obj.loss_params["method"], obj.loss_state["method"] = method.init(k_method)
+    elif int(mem.size) > 0:
+        memory_loss, obj.loss_state["memory"] = build_memory_loss(
+            spec, size=int(mem.size), start_step=int(mem.start_step), dim=dim, batch_size=batch_size)
+    if distill:
+        from dmljax.losses.distillation import rkd_distillation_loss
+        check_scalar(d.weight, name="distill.weight", min_value=0.0)
+        rkd = functools.partial(rkd_distillation_loss, distance_weight=float(d.distance_weight),
+                                angle_weight=float(d.angle_weight))
+
+    def method_fn(loss_params, loss_state, emb, labels, key, step, cluster_ids=None, teacher_embeddings=None):
+        new_state = dict(loss_state)
+        k_base, k_meth = jax.random.split(key)
+        if method is not None:
+            value, new_state["method"] = method.loss(
+                loss_params["method"], loss_state["method"], emb, labels, k_meth, step,
+                cluster_ids=cluster_ids, base_params=(k_base, *loss_params["base"]))
+        elif memory_loss is not None:
+            value, new_state["memory"] = memory_loss(emb, labels, loss_state["memory"], step)
+        else:
+            value, new_state["base"] = spec.call(loss_params["base"], loss_state["base"], emb, labels, k_base)
+        if teacher_embeddings is not None:
+            value = value + float(d.weight) * rkd(emb, teacher_embeddings)
+        return value, new_state
+
+    obj.method_fn = method_fn
+    return obj
 
 
 def _augment(images, key, *, config):
@@ -131,7 +711,7 @@ def _augment(images, key, *, config):
 
 
 def build_augment(config):
-    if config.data.name != "omniglot":  # random resized crop + flip (augment.preset)
+    if not _grey_convnet_data(config):  # random resized crop + flip (augment.preset)
         from experiments.data_sources import build_augment_fn
         return build_augment_fn(config)
     if not config.augment.enabled:
@@ -283,12 +863,114 @@ class MetricsLog:
 
 
 def format_table(metrics: dict[str, float]) -> str:
-    names = [k for k in metrics if k.startswith("recall@")]
+    names = [k for k in metrics if k.startswith("recall@") and "rerank" not in k]
     names += [k for k in ("map_at_r", "r_precision", "nmi", "one_shot_error") if k in metrics]
+    names += [k for k in metrics if "rerank" in k and k not in names and np.ndim(metrics[k]) == 0]
     width = max(len(n) for n in names)
     lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
     lines += [f"{n:<{width}}  {metrics[n]:.4f}" for n in names]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- state
+def build_sampler(config, labels):
+    """`MPerClassSampler`, or `RepeatedCompositionSampler` for ``method.name=alternating_projection``
+    (batches repeated ``method.options.repeat`` (T, default 5) times, the first
+    ``representatives_per_class`` items of each class fixed over the T steps)."""
+    from dmljax.data.samplers import MPerClassSampler, RepeatedCompositionSampler
+    s = config.sampler
+    m = _section(config, "method", name="none", options={})
+    if m.name == "alternating_projection":
+        opts = dict(m.options or {})
+        return RepeatedCompositionSampler(labels, classes_per_batch=s.classes_per_batch,
+                                          samples_per_class=s.samples_per_class, repeat=int(opts.get("repeat", 5)),
+                                          representatives_per_class=opts.get("representatives_per_class"),
+                                          seed=config.seed)
+    return MPerClassSampler(labels, classes_per_batch=s.classes_per_batch,
+                            samples_per_class=s.samples_per_class, seed=config.seed)
+
+
+def _output_dim(config) -> int:
+    return int(config.model.embedding_dim)
+
+
+def build_train_state(config, *, num_classes: int, num_train: int, steps_per_epoch: int, teacher=None):
+    """(TrainState, Objective) of ``config``: model, optimizer, loss / method / memory objective.
+
+    A run is rebuilt (for ``--resume`` or as a teacher) by calling this with the same config and
+    counts: the checkpoint's leaves then match the template's structure."""
+    key = jax.random.key(config.seed)
+    k_loss, _ = jax.random.split(key)
+    model = build_model(config, config.seed)
+    objective = build_objective(
+        config, num_classes=num_classes, num_train=num_train, dim=_output_dim(config),
+        batch_size=config.sampler.classes_per_batch * config.sampler.samples_per_class,
+        steps_per_epoch=steps_per_epoch, key=k_loss, distill=teacher is not None)
+    o = config.optim
+    tx = make_optimizer(learning_rate=o.learning_rate, total_steps=o.num_steps, warmup_steps=min(o.warmup_steps, o.num_steps),
+                        backbone_lr_mult=o.backbone_lr_mult, head_lr_mult=o.head_lr_mult,
+                        loss_lr_mult=o.loss_lr_mult, weight_decay=o.weight_decay, optimizer=o.optimizer)
+    state = create_train_state(model, tx, objective.loss_fn, objective.loss_params, augment_fn=build_augment(config),
+                               freeze_batch_norm=o.freeze_batch_norm, method_fn=objective.method_fn,
+                               loss_state=objective.loss_state, teacher=teacher)
+    return state, objective
+
+
+def load_teacher(workdir: str, *, num_classes: int, num_train: int):
+    """The frozen model of the run in ``workdir``: its ``config.json`` rebuilds the train state
+    (with its ``run_info.json`` counts), the best checkpoint (else the latest) fills it."""
+    import ml_collections
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"distill.teacher: {workdir!r} has no config.json (not a workdir of experiments.train)")
+    with open(path) as f:
+        tconfig = ml_collections.ConfigDict(json.load(f))
+    if tconfig.get("distill") is not None:
+        tconfig.distill.teacher = ""
+    info_path = os.path.join(workdir, "run_info.json")
+    if os.path.isfile(info_path):
+        with open(info_path) as f:
+            info = json.load(f)
+        num_classes, num_train = int(info["num_classes"]), int(info["num_train"])
+    sampler_steps = max(num_train // max(tconfig.sampler.classes_per_batch * tconfig.sampler.samples_per_class, 1), 1)
+    template, _ = build_train_state(tconfig, num_classes=num_classes, num_train=num_train,
+                                    steps_per_epoch=sampler_steps)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), best_metric="recall@1")
+    try:
+        restored = ckpt.restore_best(template) or ckpt.restore_latest(template)
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise ValueError(f"distill.teacher: no checkpoint under {workdir}/checkpoints")
+    teacher = nnx.merge(restored.graphdef, restored.params["model"], restored.batch_stats)
+    teacher.eval()
+    return teacher, int(restored.step)
+
+
+class LossWeightLog:
+    """Callback adding the ensemble's current loss weights to every logged record."""
+
+    def __init__(self, objective: Objective):
+        self.objective = objective
+
+    def __call__(self, state, record):
+        if "loss" in record:
+            record.update(self.objective.loss_weights(state))
+
+
+def rerank_metrics(config, state, *, train_images, train_labels, test_embeddings, test_labels, embed_fn):
+    """``eval.rerank="similarity"``: `experiments.rerank.rerank_report` on the training and test
+    embeddings (imported lazily; the training set is embedded here with ``embed_fn``)."""
+    mode = config.eval.get("rerank", "") if config.get("eval") is not None else ""
+    if not mode:
+        return {}
+    check_choice(mode, name="eval.rerank", choices=("similarity",))
+    from experiments.rerank import rerank_report
+    train_emb = embed_fn(state, train_images, 1024)
+    report = rerank_report(train_embeddings=np.asarray(train_emb), train_labels=np.asarray(train_labels, np.int32),
+                           test_embeddings=np.asarray(test_embeddings), test_labels=np.asarray(test_labels, np.int32),
+                           key=jax.random.fold_in(jax.random.key(config.seed), 0x5E7A), config=config)
+    return {k: float(v) for k, v in report.items()}
 
 
 # ----------------------------------------------------------------------------- main
@@ -305,26 +987,34 @@ def main(argv=None) -> dict[str, float]:
         jax.distributed.initialize()
     config = apply_overrides(get_config(args.config), args.set)
     workdir = args.workdir or config.workdir
+    entry = config.get("entry") if hasattr(config, "get") else None
+    if entry:  # another experiment's own loop (e.g. experiments.synthetic)
+        module = importlib.import_module(entry)
+        return module.run(config, workdir)
     t_start = time.perf_counter()
 
     images, labels, num_classes, test, runs = load_data(config)
+    clean_labels = np.asarray(labels, np.int32)
+    labels = add_label_noise(config, clean_labels, num_classes)
+    noise_fraction = float(np.mean(labels != clean_labels)) if len(labels) else 0.0
+    if noise_fraction:
+        print(f"label noise: {noise_fraction:.1%} of the training labels corrupted "
+              f"({config.data.get('label_noise_kind', 'symmetric')})", flush=True)
     t_data = time.perf_counter() - t_start
     print(f"data: {len(images)} train images / {num_classes} classes, {len(test.images)} test images "
           f"/ {len(np.unique(test.labels))} classes ({t_data:.1f} s)", flush=True)
 
     key = jax.random.key(config.seed)
-    k_loss, k_train = jax.random.split(key)
-    model = build_model(config, config.seed)
-    loss_fn, loss_params = build_loss(config, num_classes, k_loss)
+    _, k_train = jax.random.split(key)
     o = config.optim
-    tx = make_optimizer(learning_rate=o.learning_rate, total_steps=o.num_steps, warmup_steps=min(o.warmup_steps, o.num_steps),
-                        backbone_lr_mult=o.backbone_lr_mult, head_lr_mult=o.head_lr_mult,
-                        loss_lr_mult=o.loss_lr_mult, weight_decay=o.weight_decay, optimizer=o.optimizer)
-    state = create_train_state(model, tx, loss_fn, loss_params, augment_fn=build_augment(config),
-                               freeze_batch_norm=o.freeze_batch_norm)
-    from dmljax.data.samplers import MPerClassSampler
-    sampler = MPerClassSampler(labels, classes_per_batch=config.sampler.classes_per_batch,
-                               samples_per_class=config.sampler.samples_per_class, seed=config.seed)
+    sampler = build_sampler(config, labels)
+    d = _section(config, "distill", teacher="", weight=1.0)
+    teacher = None
+    if d.teacher:
+        teacher, teacher_step = load_teacher(d.teacher, num_classes=num_classes, num_train=len(labels))
+        print(f"teacher: {d.teacher} (step {teacher_step}), distill.weight {d.weight}", flush=True)
+    state, objective = build_train_state(config, num_classes=num_classes, num_train=len(labels),
+                                         steps_per_epoch=sampler.steps_per_epoch, teacher=teacher)
     step_fn = make_parallel_train_step(data_mesh(jax.local_devices())) if config.train.data_parallel else jax.jit(train_step)
     ema_decay = float(config.train.get("ema_decay", 0.0))
     weight_average = WeightAverage(ema_decay) if ema_decay > 0 else None
@@ -342,18 +1032,34 @@ def main(argv=None) -> dict[str, float]:
     log = MetricsLog(workdir, args.resume)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json(indent=1))
+    with open(os.path.join(workdir, "run_info.json"), "w") as f:
+        json.dump({"num_classes": int(num_classes), "num_train": int(len(labels)),
+                   "method": objective.method, "loss": objective.spec.name,
+                   "label_noise_fraction": noise_fraction}, f, indent=1)
 
+    hooks = {}
+    if objective.method == "divide_conquer":
+        recluster = KMeansReclustering(
+            images, num_clusters=objective.num_learners, every=objective.recluster_every,
+            key=jax.random.fold_in(key, 0xC1), embed_fn=lambda s, x: embed(s, x, batch_size=512),
+            log=lambda step, sizes: print(f"[step {step}] k-means re-clustering: cluster sizes {sizes.tolist()}",
+                                          flush=True))
+        hooks = {"before_step": recluster.before_step, "batch_extras": recluster.batch_extras}
+    callbacks = [LossWeightLog(objective), log] if objective.spec.name == "ensemble" else [log]
     state, _ = fit(state, images=images, labels=labels, sampler=sampler, num_steps=o.num_steps, key=k_train,
                    step_fn=step_fn, checkpointer=checkpointer, resume=args.resume,
                    eval_every=config.train.eval_every, eval_fn=lambda s: evaluate(for_eval(s), test, runs, embed_fn=embed_fn, keep=last_eval),
-                   callbacks=[log], progress=config.train.progress, log_every=config.train.log_every)
+                   callbacks=callbacks, progress=config.train.progress, log_every=config.train.log_every, **hooks)
     t_train = time.perf_counter() - t_start
     if last_eval.get("step") == int(state.step):  # fit() evaluated the last step already
         final = dict(last_eval["metrics"])
         if config.train.final_nmi:
             final.update(clustering(last_eval["embeddings"], test.labels.astype(np.int32)))
     else:
-        final = evaluate(for_eval(state), test, runs, with_nmi=config.train.final_nmi, embed_fn=embed_fn)
+        final = evaluate(for_eval(state), test, runs, with_nmi=config.train.final_nmi, embed_fn=embed_fn, keep=last_eval)
+    final.update(objective.loss_weights(state))
+    final.update(rerank_metrics(config, for_eval(state), train_images=images, train_labels=labels,
+                                test_embeddings=last_eval["embeddings"], test_labels=test.labels, embed_fn=embed_fn))
     if weight_average is not None:
         # the averaged weights evaluated above, for later analysis (the run's checkpoints hold
         # the raw weights that --resume needs)

@@ -3,6 +3,19 @@
 Everything that decides the result is a function of the state: the batch of step ``s`` comes
 from ``sampler.batch_indices(state.sampler_step)`` and the step key is ``fold_in(key, step)``, so a run
 resumed from a checkpoint replays exactly the batches and augmentations of an uninterrupted run.
+
+Hooks for methods that need the whole training set between steps:
+
+* ``before_step(state) -> state`` runs on the host before every step (it may replace
+  ``state.loss_state``, e.g. new k-means cluster ids);
+* ``batch_extras(state, indices) -> dict`` adds per-item arrays to the batch (e.g.
+  ``{"cluster_ids": ids[indices]}``), which the step passes to ``state.method_fn``.
+
+`KMeansReclustering` is both, for divide and conquer (Sanakoyeu et al. 2019): every ``every``
+steps it embeds the whole training set with the current model (eval mode), runs k-means
+(`dmljax.methods.divide_conquer.cluster_embeddings`, key ``fold_in(key, step)``) and stores the
+cluster id of every training item in ``state.loss_state["clusters"]`` ([N] int32, checkpointed,
+so a resumed run continues with the same clusters); each batch then carries its items' ids.
 """
 
 from __future__ import annotations
@@ -17,7 +30,62 @@ from dmljax.train.checkpoint import Checkpointer
 from dmljax.train.state import TrainState
 from dmljax.train.step import train_step
 
-__all__ = ["fit"]
+__all__ = ["fit", "KMeansReclustering"]
+
+
+class KMeansReclustering:
+    """Periodic k-means re-clustering of the training embeddings (see the module docstring).
+
+    Args:
+      images: host training images [N, ...] (the array the sampler indexes).
+      num_clusters: K (= number of learners of divide and conquer).
+      every: re-cluster at steps 0, every, 2 every, ... (the paper: every 2 epochs; pass
+        ``2 * sampler.steps_per_epoch``).
+      key: PRNG key of k-means (folded with the step).
+      embed_fn: ``embed_fn(state, images) -> [N, D]`` host embeddings (default
+        `dmljax.train.step.embed` with batch 512).
+      log: optional ``log(step, sizes)`` called after each re-clustering (cluster sizes [K]).
+
+    ``state.loss_state`` must be a dict; its ``"clusters"`` entry ([N] int32) is (re)written.
+    """
+
+    def __init__(self, images, *, num_clusters: int, every: int, key: jax.Array,
+                 embed_fn: Callable | None = None, log: Callable | None = None):
+        if isinstance(num_clusters, bool) or not isinstance(num_clusters, int) or num_clusters < 1:
+            raise ValueError(f"num_clusters must be a positive int, got {num_clusters!r}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive int, got {every!r}")
+        self.images, self.num_clusters, self.every, self.key = images, num_clusters, every, key
+        self.embed_fn = embed_fn
+        self.log = log
+        self.ids: np.ndarray | None = None
+        self.last_step: int | None = None
+
+    def _embed(self, state):
+        if self.embed_fn is not None:
+            return self.embed_fn(state, self.images)
+        from dmljax.train.step import embed
+        return embed(state, self.images, batch_size=512)
+
+    def before_step(self, state: TrainState) -> TrainState:
+        step = int(state.step)
+        if not isinstance(state.loss_state, dict) or "clusters" not in state.loss_state:
+            raise ValueError("state.loss_state must be a dict with a 'clusters' entry [N] for KMeansReclustering")
+        if step % self.every == 0 and self.last_step != step:
+            from dmljax.methods.divide_conquer import cluster_embeddings
+            emb = self._embed(state)
+            _, ids = cluster_embeddings(jax.random.fold_in(self.key, step), emb, self.num_clusters)
+            ids = np.asarray(ids, np.int32)
+            state = state.replace(loss_state={**state.loss_state, "clusters": jax.numpy.asarray(ids)})
+            self.ids, self.last_step = ids, step
+            if self.log is not None:
+                self.log(step, np.bincount(ids, minlength=self.num_clusters))
+        elif self.ids is None:  # resumed between two re-clusterings: the checkpointed ids
+            self.ids = np.asarray(state.loss_state["clusters"], np.int32)
+        return state
+
+    def batch_extras(self, state: TrainState, indices: np.ndarray) -> dict:
+        return {"cluster_ids": self.ids[indices]}
 
 
 def fit(
@@ -36,6 +104,8 @@ def fit(
     callbacks: Iterable[Callable[[TrainState, dict], None]] = (),
     progress: bool = False,
     log_every: int = 10,
+    before_step: Callable[[TrainState], TrainState] | None = None,
+    batch_extras: Callable[[TrainState, np.ndarray], dict] | None = None,
 ) -> tuple[TrainState, list[dict]]:
     """Train until ``state.step == num_steps``; returns (final state, list of logged records).
 
@@ -46,7 +116,9 @@ def fit(
       checkpointer: saves every ``checkpointer.save_every`` steps, at the end, and the best
         state by ``eval_fn``'s metric; with ``resume=True`` the latest checkpoint is loaded first.
       eval_every / eval_fn: evaluation every this many steps and at the end.
-      callbacks: called as ``cb(state, record)`` after every step (e.g. to stop a run).
+      callbacks: called as ``cb(state, record)`` after every step (e.g. to stop a run); a
+        callback may add entries to ``record`` (they are logged by the callbacks after it).
+      before_step / batch_extras: hooks of the module docstring (e.g. `KMeansReclustering`).
     """
     step_fn = jax.jit(train_step) if step_fn is None else step_fn
     if resume and checkpointer is not None:
@@ -60,8 +132,12 @@ def fit(
         bar = tqdm(total=num_steps, initial=int(state.step), dynamic_ncols=True, mininterval=1.0)
     t_last, n_last = time.perf_counter(), int(state.step)
     while int(state.step) < num_steps:
+        if before_step is not None:
+            state = before_step(state)
         idx = sampler.batch_indices(int(state.sampler_step))
         batch = {"images": images[idx], "labels": labels[idx].astype(np.int32)}
+        if batch_extras is not None:
+            batch.update(batch_extras(state, idx))
         state, metrics = step_fn(state, batch, jax.random.fold_in(key, int(state.step)))
         step = int(state.step)
         record = {"step": step}

@@ -7,6 +7,15 @@
 3. ``loss = state.loss_fn(embeddings, labels, *state.params["loss"])`` - any loss of the
    library: pair/tuple losses take no extra arrays, proxy losses take ``(proxies,)`` which
    are trained alongside the network;
+   or, with a stateful objective (``state.method_fn``, see `dmljax.train.state`)::
+
+       loss, new_loss_state = state.method_fn(state.params["loss"], state.loss_state, embeddings,
+                                              labels, loss_key, state.step, **extras)
+
+   ``loss_key = fold_in(key, LOSS_KEY_TAG)`` (the same on every device); ``extras`` are the
+   batch entries other than images / labels (e.g. ``cluster_ids`` [B] of divide and conquer),
+   gathered like the labels, plus ``teacher_embeddings`` [B, Dt] (``stop_gradient``, eval mode)
+   when the state has a teacher. ``new_loss_state`` is stored in the new state;
 4. gradient w.r.t. ``{"model": params, "loss": loss_params}``, one optax update.
 
 Data parallelism (`make_parallel_train_step`) follows /work/shared/DESIGN.md: each device
@@ -17,6 +26,9 @@ per-device contributions (the transpose of all_gather is a reduce-scatter, so ea
 receives the exact global-batch gradient of its own embeddings). BatchNorm is synchronised
 across devices by default (batch statistics ``pmean``-ed over "data"), so the result equals
 single-device training on the same global batch; running statistics are ``pmean``-ed too.
+A stateful objective runs on the global batch with the same key on every device, so every
+device computes the same new ``loss_state`` (it stays replicated; ``pmax`` over identical
+copies only makes it replicated-typed for ``out_specs``).
 
 Metrics (global batch): ``loss``, ``pos_dist`` / ``neg_dist`` (mean euclidean distance of
 positive / negative pairs), ``active_fraction`` (fraction of embeddings that receive a non-zero
@@ -40,11 +52,12 @@ from jax.sharding import Mesh, PartitionSpec as P
 from dmljax import distances
 from dmljax.masks import label_masks
 from dmljax.reductions import masked_mean
-from dmljax.train.state import TrainState, merge_model
+from dmljax.train.state import TrainState, merge_model, merge_teacher
 
 __all__ = ["train_step", "make_parallel_train_step", "embedding_metrics", "embed", "data_mesh"]
 
 _GRAD_EPS = 1e-12
+LOSS_KEY_TAG = 2**31 - 1  # loss_key = fold_in(key, LOSS_KEY_TAG): never a device index of the augmentation keys
 
 
 def embedding_metrics(embeddings: jax.Array, labels: jax.Array, embedding_grad: jax.Array) -> dict:
@@ -62,7 +75,7 @@ def embedding_metrics(embeddings: jax.Array, labels: jax.Array, embedding_grad: 
     }
 
 
-def _check_batch(batch: Any) -> tuple[jax.Array, jax.Array]:
+def _check_batch(batch: Any, *, stateful: bool) -> tuple[jax.Array, jax.Array, dict]:
     if not isinstance(batch, dict) or "images" not in batch or "labels" not in batch:
         raise ValueError("batch must be a dict with 'images' [B, H, W, C] and 'labels' [B]")
     images, labels = batch["images"], batch["labels"]
@@ -72,38 +85,72 @@ def _check_batch(batch: Any) -> tuple[jax.Array, jax.Array]:
         raise ValueError(f"batch['labels'] must have shape ({np.shape(images)[0]},), got {np.shape(labels)}")
     if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
         raise ValueError(f"batch['labels'] must be integer class ids, got {jnp.result_type(labels)}")
-    return images, labels
+    extras = {k: v for k, v in batch.items() if k not in ("images", "labels")}
+    if extras and not stateful:
+        raise ValueError(f"batch has entries {sorted(extras)} beyond images / labels; only a state "
+                         "with a method_fn receives them")
+    for k, v in extras.items():
+        if np.shape(v)[:1] != np.shape(images)[:1]:
+            raise ValueError(f"batch[{k!r}] must have leading dimension {np.shape(images)[0]}, got {np.shape(v)}")
+    return images, labels, extras
+
+
+def _replicated(tree, axis_name):
+    """Identical per-device values -> replicated-typed ones (``pmax`` is exact on equal copies)."""
+    def one(x):
+        if x.dtype == jnp.bool_:
+            return jax.lax.pmax(x.astype(jnp.int32), axis_name).astype(jnp.bool_)
+        return jax.lax.pmax(x, axis_name)
+    return jax.tree.map(one, tree)
 
 
 def _step(state: TrainState, batch: dict, key: jax.Array, *, axis_name: str | None,
           sync_batch_norm: bool) -> tuple[TrainState, dict]:
-    images, labels = _check_batch(batch)
+    stateful = state.method_fn is not None
+    images, labels, extras = _check_batch(batch, stateful=stateful)
     if state.augment_fn is not None:
         aug_key = key if axis_name is None else jax.random.fold_in(key, jax.lax.axis_index(axis_name))
         images = state.augment_fn(images, aug_key)
     num_devices = 1 if axis_name is None else jax.lax.axis_size(axis_name)
+
+    def gather(x):
+        return x if axis_name is None else jax.lax.all_gather(x, axis_name, tiled=True)
+
+    all_labels = gather(labels)
+    if stateful:
+        loss_key = jax.random.fold_in(key, LOSS_KEY_TAG)
+        extras = {k: gather(v) for k, v in extras.items()}
+        teacher = merge_teacher(state)
+        if teacher is not None:
+            extras["teacher_embeddings"] = jax.lax.stop_gradient(gather(teacher(images)))
+
+        def loss_of(loss_params, emb):
+            return state.method_fn(loss_params, state.loss_state, emb, all_labels, loss_key, state.step, **extras)
+    else:
+        def loss_of(loss_params, emb):
+            return state.loss_fn(emb, all_labels, *loss_params), None
 
     def objective(trainable):
         model = merge_model(state, trainable["model"], train=True,
                             batch_norm_axis_name=axis_name if sync_batch_norm else None)
         emb = model(images)
         new_stats = nnx.state(model, nnx.BatchStat)
-        all_emb, all_labels = emb, labels
-        if axis_name is not None:
-            all_emb = jax.lax.all_gather(emb, axis_name, tiled=True)
-            all_labels = jax.lax.all_gather(labels, axis_name, tiled=True)
-        loss = state.loss_fn(all_emb, all_labels, *trainable["loss"])
-        return loss / num_devices, (loss, all_emb, all_labels, new_stats)
+        all_emb = gather(emb)
+        loss, new_loss_state = loss_of(trainable["loss"], all_emb)
+        return loss / num_devices, (loss, all_emb, new_stats, new_loss_state)
 
-    (_, (loss, all_emb, all_labels, new_stats)), grads = jax.value_and_grad(
+    (_, (loss, all_emb, new_stats, new_loss_state)), grads = jax.value_and_grad(
         objective, has_aux=True)(state.params)
     if axis_name is not None and not state.freeze_batch_norm:
         new_stats = jax.tree.map(lambda s: jax.lax.pmean(s, axis_name), new_stats)
     if state.freeze_batch_norm:
         new_stats = state.batch_stats
+    if not stateful:
+        new_loss_state = state.loss_state
+    elif axis_name is not None:
+        new_loss_state = _replicated(new_loss_state, axis_name)
 
-    emb_grad = jax.grad(lambda e: state.loss_fn(e, all_labels, *state.params["loss"]))(
-        jax.lax.stop_gradient(all_emb))
+    emb_grad = jax.grad(lambda e: loss_of(state.params["loss"], e)[0])(jax.lax.stop_gradient(all_emb))
     metrics = {"loss": loss, **embedding_metrics(all_emb, all_labels, emb_grad)}
     if axis_name is not None:
         # identical on every device already; pmean makes them replicated-typed for out_specs
@@ -113,7 +160,8 @@ def _step(state: TrainState, batch: dict, key: jax.Array, *, axis_name: str | No
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, sampler_step=state.sampler_step + 1,
-                              params=params, batch_stats=new_stats, opt_state=opt_state)
+                              params=params, batch_stats=new_stats, opt_state=opt_state,
+                              loss_state=new_loss_state)
     return new_state, metrics
 
 
@@ -122,8 +170,9 @@ def train_step(state: TrainState, batch: dict, key: jax.Array) -> tuple[TrainSta
 
     Args:
       state: `TrainState` (`dmljax.train.state.create_train_state`).
-      batch: ``{"images": [B, H, W, C] uint8 or float, "labels": [B] int}``.
-      key: PRNG key for augmentation (unused without ``state.augment_fn``).
+      batch: ``{"images": [B, H, W, C] uint8 or float, "labels": [B] int}`` (+ per-item extras
+        such as ``"cluster_ids"`` [B] for a ``state.method_fn``).
+      key: PRNG key for augmentation and (``fold_in(key, LOSS_KEY_TAG)``) the stateful objective.
 
     Returns:
       (new state, metrics dict of scalars; see the module docstring).
@@ -140,8 +189,9 @@ def data_mesh(devices=None, axis_name: str = "data") -> Mesh:
 def make_parallel_train_step(mesh: Mesh, *, axis_name: str = "data", sync_batch_norm: bool = True):
     """Data-parallel ``train_step`` over the 1-D ``mesh``; returns a jitted function.
 
-    The global batch (leading dim divisible by the number of devices) is split over
-    ``axis_name``; the state is replicated. Mining and the loss see the all-gathered global
+    The global batch (leading dim divisible by the number of devices; every entry of the batch
+    dict, e.g. ``cluster_ids``, is split the same way) is split over ``axis_name``; the state,
+    including ``loss_state`` and a teacher, is replicated. Mining and the loss see the all-gathered global
     batch, so the result equals `train_step` on the global batch (to float tolerance) when
     BN is synchronised (default) and no augmentation is used (augmentation keys are folded
     with the device index, so the random draws differ from a single-device run).

@@ -119,4 +119,27 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.log_every = 10
     c.train.final_nmi = True
     c.train.progress = True
+
+    # ---- trainer flags (experiments/train.py docstring); the defaults change nothing above
+    c.loss.options = ml_collections.ConfigDict()  # any keyword option: --set loss.options.mining=False
+    c.loss.components = ()  # loss.name="ensemble": loss names or {"name": ..., "options": {...}}
+    c.method = ml_collections.ConfigDict()
+    c.method.name = "none"  # daml, hard_sample_generation, iaa, das, divide_conquer, alternating_projection, bspml
+    c.method.options = ml_collections.ConfigDict()  # dmljax.methods.plugin.make_method options
+    c.memory = ml_collections.ConfigDict()
+    c.memory.size = 0  # > 0: cross-batch memory (XBM) of that many embeddings for a pair loss
+    c.memory.start_step = 0  # plain batch loss before this step (the paper's warm-up)
+    c.distill = ml_collections.ConfigDict()
+    c.distill.teacher = ""  # workdir of a trained run: RKD from its frozen model
+    c.distill.weight = 1.0
+    c.distill.distance_weight = 1.0  # Park et al. 2019, Sec. 4.1
+    c.distill.angle_weight = 2.0
+    c.model.global_local = ml_collections.ConfigDict()  # model.backbone="global_local"
+    c.model.global_local.local_dim = 64
+    c.model.global_local.local_embedding_dim = 0  # 0: model.embedding_dim
+    c.model.global_local.local_weight = 1.0
+    c.data.label_noise = 0.0  # fraction of training labels corrupted (dmljax.methods.label_noise)
+    c.data.label_noise_kind = "symmetric"  # or "pairflip"
+    c.eval.rerank = ""  # "similarity": experiments.rerank.rerank_report at the end
+    c.eval.rerank_k = 10
     return c
