@@ -514,7 +514,8 @@ def _ms(v):
 
 
 def markdown_report(payloads: list[dict[str, Any]]) -> str:
-    """One markdown table per (B, D) payload (the ``--out-dir`` files), with its geometric mean."""
+    """One markdown table per (B, D) payload (the ``--out-dir`` files), with its geometric mean.
+    Memory columns are bytes divided by B^2 (4 = one float32 B x B matrix)."""
     out = []
     for p in payloads:
         rows = p["rows"]
@@ -529,8 +530,9 @@ def markdown_report(payloads: list[dict[str, Any]]) -> str:
                    f"{load}; {p.get('started')} -> {p.get('finished', 'unfinished')}"
                    if s["ratios"] else f"no ratios; {load}")
         out.append("")
-        out.append("| loss | dmljax ms | PML ms | ratio | floor ms | loss/floor | XLA temp B/B^2 | note |")
-        out.append("|---|---|---|---|---|---|---|---|")
+        out.append("| loss | dmljax ms | PML ms | ratio | floor ms | loss/floor | dmljax XLA temp / B^2 "
+                   "| PML peak RSS rise / B^2 | note |")
+        out.append("|---|---|---|---|---|---|---|---|---|")
         b2 = p["B"] ** 2
         for r in rows:
             notes = []
@@ -538,12 +540,12 @@ def markdown_report(payloads: list[dict[str, Any]]) -> str:
                 err = r.get(f"{side}_error")
                 if err:
                     notes.append(f"{'PML' if side == 'pml' else 'dmljax'}: {err}")
-            temp = r.get("dmljax_xla_temp_bytes")
-            out.append("| {} | {} | {} | {} | {} | {} | {} | {} |".format(
+            temp, rss = r.get("dmljax_xla_temp_bytes"), r.get("pml_rss_delta_bytes")
+            out.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
                 r["loss"], _ms(r.get("dmljax_ms")), _ms(r.get("pml_ms")),
                 f"{r['ratio']:.3g}" if "ratio" in r else "-", _ms(r.get("floor_ms")),
                 f"{r['vs_floor']:.3g}" if "vs_floor" in r else "-",
-                f"{temp / b2:.3g}" if temp is not None else "-",
+                f"{temp / b2:.3g}" if temp is not None else "-", f"{rss / b2:.3g}" if rss is not None else "-",
                 "; ".join(n.replace("|", "/") for n in notes)))
         out.append("")
     return "\n".join(out)
