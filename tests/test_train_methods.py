@@ -80,7 +80,9 @@ METHOD_SETS = {
 }
 
 
-@pytest.mark.parametrize("method", sorted(METHOD_SETS))
+# divide_conquer (loop hooks + k-means) runs by default; the others are marked slow (-m slow)
+@pytest.mark.parametrize("method", [m if m == "divide_conquer" else pytest.param(m, marks=pytest.mark.slow)
+                                    for m in sorted(METHOD_SETS)])
 def test_method_trains_end_to_end(tmp_path, capsys, method):
     final = _main(tmp_path, f"method.name={method}", *METHOD_SETS[method])
     _check_finite_run(tmp_path, final)
@@ -117,6 +119,7 @@ def test_label_noise_corrupts_the_requested_fraction():
 
 
 # ----------------------------------------------------------------------------- loss registry
+@pytest.mark.slow  # the registry's calls are checked by the cheap tests below
 @pytest.mark.parametrize("sets", [
     ("loss.name=arcface", "loss.options.margin=0.3", "loss.options.scale=16.0"),  # learnable class weights
     ("loss.name=margin",),  # needs a PRNG key (distance-weighted sampling) and a learnable beta
@@ -249,6 +252,7 @@ def test_ensemble_value_is_the_weighted_sum():
 
 
 # ----------------------------------------------------------------------------- memory (XBM)
+@pytest.mark.slow  # test_memory_objective_matches_xbm_... checks the objective itself
 def test_memory_trains_end_to_end(tmp_path):
     _check_finite_run(tmp_path, _main(tmp_path, "memory.size=32", "loss.name=contrastive"))
 
@@ -266,16 +270,18 @@ def test_memory_objective_matches_xbm_and_the_concatenation_fallback():
                                  batch_size=16, steps_per_epoch=4, key=jax.random.key(0))
     obj = objective("loss.name=contrastive", "loss.options.neg_margin=0.8", "memory.start_step=1")
     state, ref = obj.loss_state, obj.loss_state["memory"]
+    fn = jax.jit(obj.method_fn)
     for step, x in enumerate(xs):
-        value, state = obj.method_fn(obj.loss_params, state, x, y, key, jnp.int32(step))
+        value, state = fn(obj.loss_params, state, x, y, key, jnp.int32(step))
         want, ref = xbm_loss("contrastive", x, y, ref, neg_margin=0.8, use_memory=step >= 1)
         np.testing.assert_allclose(float(value), float(want), rtol=1e-9)
     assert _max_diff(state["memory"], ref) == 0.0 and int(ref.pointer) == 8  # 48 items in 40 slots
 
     obj = objective("loss.name=supcon")  # no query x memory form: batch + previous memory as one set
     state, mem = obj.loss_state, obj.loss_state["memory"]
+    fn = jax.jit(obj.method_fn)
     for step, x in enumerate(xs):
-        value, state = obj.method_fn(obj.loss_params, state, x, y, key, jnp.int32(step))
+        value, state = fn(obj.loss_params, state, x, y, key, jnp.int32(step))
         filled = np.asarray(mem.valid)
         want = supcon_loss(jnp.concatenate([x, mem.embeddings[filled]]), jnp.concatenate([y, mem.labels[filled]]),
                            temperature=0.1)
@@ -321,6 +327,7 @@ def test_distillation_step_adds_rkd_of_the_teacher_embeddings(teacher_dir):
 
 
 # ----------------------------------------------------------------------------- global + local
+@pytest.mark.slow
 def test_global_local_backbone_trains_end_to_end(tmp_path):
     final = _main(tmp_path, "model.backbone=global_local", "loss.name=hybrid_pair_proxy",
                   "model.global_local.local_dim=4", "model.global_local.local_embedding_dim=6")
@@ -376,6 +383,19 @@ def test_rerank_report_is_merged_into_the_final_table(tmp_path, monkeypatch):
         _main(tmp_path / "bad", "eval.rerank=magic")
 
 
+@pytest.mark.slow
+def test_real_entry_and_rerank_modules(tmp_path):
+    """The modules the hooks call (experiments.synthetic.run, experiments.rerank.rerank_report)."""
+    pytest.importorskip("experiments.synthetic")
+    pytest.importorskip("experiments.rerank")
+    out = T.main(["--config", "synthetic_multilabel", "--workdir", str(tmp_path / "syn"),
+                  "--set", "optim.num_steps=20"])
+    assert out and all(np.isfinite(v) for v in out.values())
+    final = _main(tmp_path / "rr", "eval.rerank=similarity", "eval.rerank_steps=20", "eval.rerank_k=4")
+    assert any(k.endswith("_rerank") for k in final)
+    assert all(np.isfinite(v) for v in final.values() if np.ndim(v) == 0)
+
+
 # ----------------------------------------------------------------------------- the stateful step
 def test_parallel_stateful_step_equals_single_device():
     """IAA (class statistics in loss_state, random synthesis with the loss key) on 8 fake devices."""
@@ -405,7 +425,7 @@ class _Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("sets", [("method.name=das",),
+@pytest.mark.parametrize("sets", [pytest.param(("method.name=das",), marks=pytest.mark.slow),
                                   ("method.name=divide_conquer", "method.options.num_learners=2",
                                    "method.options.recluster_every=3", "loss.name=contrastive")],
                          ids=["das", "divide_conquer"])
@@ -417,9 +437,10 @@ def test_loss_state_survives_resume(tmp_path, sets):
     from dmljax.train.step import train_step
     c = _config(*sets, "optim.num_steps=6")
     step_fn = jax.jit(train_step)
+    fresh, obj, images, labels, sampler = _toy_state(c)  # one template: the step compiles once
 
     def run(directory, *, resume=False, stop_after=None):
-        state, obj, images, labels, sampler = _toy_state(c)
+        state = fresh
         hooks = {}
         if obj.method == "divide_conquer":
             rc = KMeansReclustering(images, num_clusters=2, every=obj.recluster_every, key=jax.random.key(5))
@@ -443,7 +464,6 @@ def test_loss_state_survives_resume(tmp_path, sets):
     assert int(resumed.step) == 6
     assert _max_diff(resumed.loss_state, reference.loss_state) < 1e-6
     assert _max_diff(resumed.params, reference.params) < 1e-6
-    fresh, *_ = _toy_state(c)
     assert _max_diff(fresh.loss_state, reference.loss_state) > 1e-3 or \
         not np.array_equal(fresh.loss_state["clusters"], reference.loss_state["clusters"])
 

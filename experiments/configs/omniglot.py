@@ -141,5 +141,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.label_noise = 0.0  # fraction of training labels corrupted (dmljax.methods.label_noise)
     c.data.label_noise_kind = "symmetric"  # or "pairflip"
     c.eval.rerank = ""  # "similarity": experiments.rerank.rerank_report at the end
-    c.eval.rerank_k = 10
+    c.eval.rerank_k = 10  # the other rerank options, with experiments/rerank.py's defaults:
+    c.eval.rerank_steps = 1000
+    c.eval.rerank_margin = 0.5
+    c.eval.rerank_hidden = (512, 512)
+    c.eval.rerank_neighbours = 20
+    c.eval.rerank_batch_size = 512
+    c.eval.rerank_learning_rate = 1e-3
     return c
