@@ -1056,7 +1056,8 @@ def main(argv=None) -> dict[str, float]:
         if config.train.final_nmi:
             final.update(clustering(last_eval["embeddings"], test.labels.astype(np.int32)))
     else:
-        final = evaluate(for_eval(state), test, runs, with_nmi=config.train.final_nmi, embed_fn=embed_fn, keep=last_eval)
+        final = evaluate(for_eval(state), test, runs, with_nmi=config.train.final_nmi, embed_fn=embed_fn,
+                         keep=last_eval)
     final.update(objective.loss_weights(state))
     final.update(rerank_metrics(config, for_eval(state), train_images=images, train_labels=labels,
                                 test_embeddings=last_eval["embeddings"], test_labels=test.labels, embed_fn=embed_fn))

@@ -239,7 +239,8 @@ def test_ensemble_learns_and_logs_its_weights(tmp_path):
 def test_ensemble_value_is_the_weighted_sum():
     import dmljax.losses as L
     from dmljax.losses.ensemble import weighted_loss_ensemble
-    c = _config("loss.name=ensemble", "loss.components=['triplet', {'name': 'proxy_nca', 'options': {'temperature': 0.2}}]",
+    c = _config("loss.name=ensemble",
+                "loss.components=['triplet', {'name': 'proxy_nca', 'options': {'temperature': 0.2}}]",
                 "loss.options.method=softmax", "loss.options.entropy_weight=0.5")
     spec = T.build_loss_spec(c, num_classes=4, dim=8, key=jax.random.key(0))
     raw, proxies = jnp.asarray([0.3, -0.2]), spec.params[1]
