@@ -1,0 +1,256 @@
+"""Issue 7 comparison: the baseline loss with and without each issue-7 method on minimal Omniglot.
+
+    python -m experiments.compare_issue7                          # 3 seeds (~5 min per run on 2 busy cores)
+    python -m experiments.compare_issue7 --seeds 1 --stop-at 15:25  # 1 seed, start no run after 15:25 UTC
+    python -m experiments.compare_issue7 --seeds 3 --resume        # add seeds to an earlier result
+
+Every run is ``experiments.train.main(["--config", "omniglot_small", "--set", ...])`` with the SAME
+budget (``--steps`` steps, default 300, of the config's batch; warm-up steps/10), the baseline
+loss of the config (multi-similarity, Wang et al. 2019) and plain single-view evaluation (no
+test-time augmentation, no mid-run evaluation, no NMI): R@1, MAP@R on the 106 unseen
+minimal_test characters and the 20-way one-shot error of the 20 official runs.
+
+Variants (``VARIANTS``): ``baseline`` (``method.name=none``), one per issue-7 method with its
+default options (``method.name=daml / hard_sample_generation / iaa / das / divide_conquer /
+alternating_projection / bspml``), and the noisy-label pair ``baseline`` vs ``bspml`` with
+``data.label_noise=0.2`` (symmetric noise on the training labels; test labels clean). The
+lifted-structured hard-negative importance sampling (`dmljax.methods.lifted_sampling`) is not a
+trainer flag, so it is not compared here.
+
+Runs go seed-major (every variant of the first seed, then the next seed), and the results are
+rewritten after every run, so an interrupted comparison still leaves a consistent table of the
+runs that finished. ``--seeds N`` is the NUMBER of seeds (seeds 0 .. N-1); ``--resume`` keeps the
+runs already in ``--out``.json (same steps) and only trains the missing ones. ``--stop-at HH:MM``
+(UTC): no run is started unless it is expected (mean wall time of the runs so far) to end before
+then. Writes ``<out>.json`` (every run, per-variant mean/std, machine, load average, command line)
+and ``<out>.md``. Run directories go to ``runs/issue7/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import time
+from typing import Callable
+
+import numpy as np
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+# (variant name, --set overrides, description)
+VARIANTS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("baseline", ("method.name=none",), "multi-similarity, no method"),
+    ("daml", ("method.name=daml",), "DAML hard-negative generator (Duan 2018)"),
+    ("hard_sample_generation", ("method.name=hard_sample_generation",), "two-stage hard sample generation"),
+    ("iaa", ("method.name=iaa",), "intra-class adaptive augmentation (IAA)"),
+    ("das", ("method.name=das",), "dense anchor sampling (DAS, Liu 2022)"),
+    ("divide_conquer", ("method.name=divide_conquer",), "divide and conquer (Sanakoyeu 2019)"),
+    ("alternating_projection", ("method.name=alternating_projection",), "alternating projections (Can 2021)"),
+    ("bspml", ("method.name=bspml",), "BSPML (clean labels)"),
+    ("baseline_noise0.2", ("method.name=none", "data.label_noise=0.2"), "multi-similarity, 20% noisy labels"),
+    ("bspml_noise0.2", ("method.name=bspml", "data.label_noise=0.2"), "BSPML, 20% noisy labels"),
+)
+METRICS = ("recall@1", "map_at_r", "one_shot_error")
+
+
+def _load() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def run_sets(seed: int, steps: int) -> list[str]:
+    """The budget and protocol shared by every run (plain evaluation once, at the end)."""
+    return [f"seed={seed}", f"optim.num_steps={steps}", f"optim.warmup_steps={max(steps // 10, 1)}",
+            f"train.eval_every={steps}", f"train.checkpoint_every={steps}", "train.final_nmi=False",
+            "train.progress=False", "eval.tta_shifts=((0, 0),)", "eval.tta_zooms=(1.0,)"]
+
+
+def train_argv(variant: str, seed: int, steps: int, workroot: str) -> list[str]:
+    sets = dict((v, s) for v, s, _ in VARIANTS)[variant]
+    argv = ["--config", "omniglot_small", "--workdir", os.path.join(workroot, f"{variant}_seed{seed}")]
+    for s in run_sets(seed, steps) + list(sets):
+        argv += ["--set", s]
+    return argv
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Per variant: mean / population std / values over its seeds of each metric and the wall time."""
+    out = {}
+    for variant, _, _ in VARIANTS:
+        rs = sorted((r for r in runs if r["variant"] == variant), key=lambda r: r["seed"])
+        if not rs:
+            continue
+        out[variant] = {"seeds": [r["seed"] for r in rs]}
+        for k in METRICS + ("wall_seconds",):
+            vals = [float(r[k]) for r in rs if r.get(k) is not None]
+            if vals:
+                out[variant][k] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "values": vals}
+    return out
+
+
+def _fmt(stat: dict | None, pct: bool = False) -> str:
+    if stat is None:
+        return "n/a"
+    s = 100.0 if pct else 1.0
+    return f"{s * stat['mean']:.{2 if pct else 4}f} ± {s * stat['std']:.{2 if pct else 4}f}"
+
+
+def markdown(result: dict) -> str:
+    m, summary = result["meta"], result["summary"]
+    seeds_run = sorted({r["seed"] for r in result["runs"]})
+    base = summary.get("baseline", {}).get("recall@1", {}).get("mean")
+    lines = [
+        "# Issue 7 comparison: issue-7 methods on the minimal Omniglot protocol",
+        "",
+        f"`python -m experiments.compare_issue7 {' '.join(m['argv'])}` at commit `{m['commit']}`, "
+        f"{m['date']}. Seeds run: {len(seeds_run)} ({seeds_run}; asked for {m['seeds_requested']}); "
+        f"{len(result['runs'])} runs. Mean ± std over seeds (population std; 0 with one seed).",
+        f"Machine: {m['machine']}; load average (1/5/15 min) {m['load_start']} at the start, "
+        f"{m['load_end']} at the end (a shared machine: other engineers' jobs ran concurrently, so the "
+        f"wall times are inflated and not comparable between runs to better than ~30%).",
+        "",
+        f"Same budget for every run: `--config omniglot_small`, {m['steps']} steps (batch 16 classes x 8), "
+        "multi-similarity base loss, method default options, plain single-view evaluation at the end only "
+        "(106 unseen minimal_test characters, each image a query vs all others; one-shot = 20 official "
+        "20-way runs).",
+        "",
+        "| variant | what | R@1 | ΔR@1 vs baseline | MAP@R | one-shot error % | wall s / run | seeds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for variant, _, what in VARIANTS:
+        s = summary.get(variant)
+        if s is None:
+            lines.append(f"| {variant} | {what} | not run | | | | | 0 |")
+            continue
+        r1 = s.get("recall@1")
+        delta = "" if (r1 is None or base is None or variant == "baseline") else f"{r1['mean'] - base:+.4f}"
+        if variant == "bspml_noise0.2" and "baseline_noise0.2" in summary and r1 is not None:
+            delta += f" ({r1['mean'] - summary['baseline_noise0.2']['recall@1']['mean']:+.4f} vs noisy baseline)"
+        wall = s.get("wall_seconds")
+        lines.append(f"| {variant} | {what} | {_fmt(r1)} | {delta} | {_fmt(s.get('map_at_r'))} | "
+                     f"{_fmt(s.get('one_shot_error'), pct=True)} | {wall['mean']:.0f} | {len(s['seeds'])} |")
+    lines += ["", "Per run (variant, seed: R@1 / MAP@R / one-shot error / wall s):", ""]
+    for r in result["runs"]:
+        lines.append(f"- {r['variant']}, seed {r['seed']}: {r['recall@1']:.4f} / {r['map_at_r']:.4f} / "
+                     f"{100 * r['one_shot_error']:.2f}% / {r['wall_seconds']:.0f} s" if r.get("one_shot_error")
+                     is not None else f"- {r['variant']}, seed {r['seed']}: {r['recall@1']:.4f} / "
+                     f"{r['map_at_r']:.4f} / n/a / {r['wall_seconds']:.0f} s")
+    if m.get("caveats"):
+        lines += ["", "Caveats:", ""] + [f"- {c}" for c in m["caveats"]]
+    return "\n".join(lines) + "\n"
+
+
+CAVEATS = (
+    "300 steps is a short budget (the full protocol trains 3000 steps on 964 characters, R@1 ~0.87 plain); "
+    "the methods' default options were not tuned for it, so this ranks the methods at a small, equal budget only.",
+    "With 1 seed the differences carry no error bar; Omniglot R@1 differences of ~0.01 between seeds "
+    "of the same config are typical at this budget (see issue8_comparison.md), so smaller gaps are noise.",
+    "The lifted-structured hard-negative importance sampling (`dmljax.methods.lifted_sampling`) is not a "
+    "trainer flag, so it is not in the table.",
+    "Wall times are taken on a 2-core machine shared with other engineers (load average above), so they "
+    "mostly measure the others' load; they are only a rough indication of each method's overhead.",
+)
+
+
+def _default_runner(argv: list[str]) -> dict:
+    from experiments import train as trainer
+
+    return trainer.main(argv)
+
+
+def main(argv=None, runner: Callable[[list[str]], dict] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0 .. N-1)")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--variants", nargs="+", default=[v for v, _, _ in VARIANTS],
+                        choices=[v for v, _, _ in VARIANTS])
+    parser.add_argument("--workroot", default="runs/issue7")
+    parser.add_argument("--out", default=os.path.join(RESULTS, "issue7_comparison"),
+                        help="output path without extension (.json and .md are written)")
+    parser.add_argument("--resume", action="store_true", help="keep the runs already in <out>.json")
+    parser.add_argument("--stop-at", default=None, help="HH:MM UTC: start no run expected to end later")
+    args = parser.parse_args(argv)
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    deadline = None
+    if args.stop_at is not None:
+        hh, mm = (int(x) for x in args.stop_at.split(":"))
+        now = datetime.datetime.now(datetime.timezone.utc)
+        deadline = now.replace(hour=hh, minute=mm, second=0, microsecond=0).timestamp()
+    runner = runner or _default_runner
+    t0 = time.perf_counter()
+    load_start = _load()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    runs: list[dict] = []
+    if args.resume and os.path.exists(args.out + ".json"):
+        with open(args.out + ".json") as f:
+            old = json.load(f)
+        runs = [r for r in old["runs"] if r.get("steps") == args.steps]
+    done = {(r["variant"], r["seed"]) for r in runs}
+
+    def write(stopped: str | None = None) -> dict:
+        result = {"runs": runs, "summary": summarize(runs), "meta": {
+            "argv": list(argv) if argv is not None else [], "commit": commit,
+            "seeds_requested": list(range(args.seeds)), "seeds_run": sorted({r["seed"] for r in runs}),
+            "num_runs": len(runs), "steps": args.steps, "metrics": list(METRICS),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
+                       f"{_backend()}", "load_start": load_start, "load_end": _load(),
+            "wall_seconds": time.perf_counter() - t0, "stopped": stopped,
+            "caveats": list(CAVEATS) + ([f"Stopped early: {stopped}."] if stopped else [])}}
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out + ".json", "w") as f:
+            json.dump(result, f, indent=1)
+        with open(args.out + ".md", "w") as f:
+            f.write(markdown(result))
+        return result
+
+    stopped = None
+    for seed in range(args.seeds):
+        for variant in args.variants:
+            if (variant, seed) in done:
+                continue
+            if deadline is not None:
+                walls = [r["wall_seconds"] for r in runs] or [0.0]
+                if time.time() + float(np.mean(walls)) > deadline:
+                    stopped = f"--stop-at {args.stop_at} UTC reached before {variant} seed {seed}"
+                    break
+            t_run = time.perf_counter()
+            final = runner(train_argv(variant, seed, args.steps, args.workroot))
+            record = {"variant": variant, "seed": seed, "steps": args.steps,
+                      "wall_seconds": time.perf_counter() - t_run, "load": _load()}
+            for k in METRICS + ("train_seconds",):
+                record[k] = float(final[k]) if k in final else None
+            runs.append(record)
+            print(f"[issue7] {variant} seed {seed}: R@1 {record['recall@1']:.4f} MAP@R {record['map_at_r']:.4f} "
+                  f"({record['wall_seconds']:.0f} s, load {record['load']})", flush=True)
+            write()
+        if stopped:
+            break
+    result = write(stopped)
+    print(markdown(result))
+    return result
+
+
+def _backend() -> str:
+    import jax
+
+    return f"jax {jax.__version__} on {jax.default_backend()}"
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])
