@@ -299,6 +299,7 @@ def teacher_dir(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow  # test_distillation_step_adds_rkd_of_the_teacher_embeddings checks the wiring cheaper
 def test_distillation_trains_a_smaller_student(tmp_path, teacher_dir, capsys):
     final = _main(tmp_path, f"distill.teacher={teacher_dir}", "distill.weight=2.0", "model.channels=(2,4)",
                   "model.embedding_dim=4")
