@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from jax.test_util import check_grads
 
 from dmljax.losses.pair import (
     angular_loss,
@@ -523,3 +524,70 @@ def test_tuplet_loss_reference_grad_and_npair_equivalence():
         tuplet_loss(a, p[:3], n)
     with pytest.raises(ValueError, match="^anchors must have rank 2"):
         tuplet_loss(a[0], p, n)
+
+
+# ----------------------------------------------------------------------------- quadruplet hinge-sum helpers
+
+
+def _hinge_total_loops(entries, entry_seg, queries, query_seg, skip):
+    """sum over (query, entry) of the same segment (segment ``skip``: left out) of max(q - e, 0),
+    and the counting gradients: d/dq = #entries below q, d/de = -#queries above e."""
+    total, d_e, d_q = 0.0, np.zeros(len(entries)), np.zeros(len(queries))
+    for a, (q, sq) in enumerate(zip(queries, query_seg)):
+        for b, (e, se) in enumerate(zip(entries, entry_seg)):
+            if sq == se and sq != skip and q > e:
+                total += q - e
+                d_q[a] += 1.0
+                d_e[b] -= 1.0
+    return total, d_e, d_q
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sort_rows_through_integer_keys_equals_sort(dtype):
+    from dmljax.losses.pair import _sort_rows
+
+    x = np.random.default_rng(30).normal(size=(3, 9)).astype(dtype)
+    x[0, :6] = [0.0, -0.0, np.inf, -np.inf, 1e-30, -1e-30]
+    got = np.asarray(_sort_rows(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, np.sort(x, axis=1))
+    assert got.dtype == dtype
+
+
+def test_row_and_segment_hinge_totals_match_loops_with_ties():
+    from dmljax.losses.pair import _row_hinge_total, _segment_hinge_total
+
+    rng = np.random.default_rng(31)
+    rows, width, segs = 3, 7, 3
+    entries = rng.integers(-3, 4, size=(rows, width)).astype(np.float64)  # ties, negative values
+    queries = rng.integers(-3, 4, size=(rows, width)) + 0.5 * rng.integers(0, 2, size=(rows, width))
+    entry_mask, query_mask = rng.random((rows, width)) < 0.7, rng.random((rows, width)) < 0.6
+    # rows as segments
+    row_id = np.repeat(np.arange(rows), width)
+    e_seg = np.where(entry_mask.ravel(), row_id, -1)
+    q_seg = np.where(query_mask.ravel(), row_id, -2)
+    want, want_de, want_dq = _hinge_total_loops(entries.ravel(), e_seg, queries.ravel(), q_seg, skip=None)
+    f = jax.jit(lambda e, q: _row_hinge_total(e, entry_mask, q, query_mask, 0.25))
+    np.testing.assert_allclose(float(f(entries, queries)), want, rtol=1e-12)
+    d_e, d_q = jax.grad(f, argnums=(0, 1))(entries, queries)
+    np.testing.assert_array_equal(np.asarray(d_e).ravel(), want_de)
+    np.testing.assert_array_equal(np.asarray(d_q).ravel(), want_dq)
+    # free segments (segment ``segs`` = left out), entries and queries of unequal numbers
+    e_seg = rng.integers(0, segs + 1, size=rows * width)
+    q_seg = rng.integers(0, segs + 1, size=rows * width - 4)
+    e_flat, q_flat = entries.ravel(), queries.ravel()[:-4]
+    want, want_de, want_dq = _hinge_total_loops(e_flat, e_seg, q_flat, q_seg, skip=segs)
+    g = jax.jit(lambda e, q: _segment_hinge_total(e, jnp.asarray(e_seg, jnp.int32), q,
+                                                  jnp.asarray(q_seg, jnp.int32), -0.5, segs))
+    np.testing.assert_allclose(float(g(e_flat, q_flat)), want, rtol=1e-12)
+    d_e, d_q = jax.grad(g, argnums=(0, 1))(e_flat, q_flat)
+    np.testing.assert_array_equal(np.asarray(d_e), want_de)
+    np.testing.assert_array_equal(np.asarray(d_q), want_dq)
+
+
+def test_quadruplet_unequal_classes_value_and_gradient():
+    """Class sizes 1, 2, 3 and 5 (a singleton has no positive, a big class many)."""
+    x, _ = random_batch(32, batch=11, dim=3)
+    y = np.array([0, 1, 1, 2, 2, 2, 3, 3, 3, 3, 3], np.int32)
+    np.testing.assert_allclose(float(jitted(quadruplet_loss)(x, y)), ref_quadruplet(x, y), rtol=1e-10)
+    f = jitted(quadruplet_loss, reduction="sum")
+    check_grads(lambda z: f(z, y), (x,), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
