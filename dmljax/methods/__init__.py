@@ -10,7 +10,7 @@ space, batch construction, and denoising of labels.
 | divide and conquer the embedding space | `divide_conquer.learner_slices`, `cluster_embeddings`, `cluster_masks`, `divide_and_conquer_loss`, `recluster_due`, `use_full_embedding` | Sanakoyeu et al., CVPR 2019 (arXiv 1906.05990) | `method.name="divide_conquer"` |
 | alternating projections onto feasible sets | `alternating_projection.alternating_projection_regularizer`, `projection_targets`, `representative_mask` (+ `dmljax.data.samplers.RepeatedCompositionSampler`) | Can et al., ICIP 2021 (arXiv 1907.07585) | `method.name="alternating_projection"` |
 | BSPML, balanced self-paced metric learning | `bspml.bspml_sample_weights`, `weighted_multi_similarity_loss`, `self_paced_age` | Zhang et al., AAAI 2023 (arXiv 2211.11751) | `method.name="bspml"` |
-| label-noise injection (experiments) | `label_noise.inject_label_noise` | symmetric / pair-flip noise (Han et al., NeurIPS 2018) | `data.label_noise_rate`, `data.label_noise_kind` |
+| label-noise injection (experiments) | `label_noise.inject_label_noise` | symmetric / pair-flip noise (Han et al., NeurIPS 2018) | `data.label_noise`, `data.label_noise_kind` |
 | lifted-structured hard-negative batches | `lifted_sampling.lifted_hard_negative_batch` | Oh Song et al., CVPR 2016 (arXiv 1511.06452), Sec. 4 | `method.name="lifted_sampling"` |
 
 Trainer integration: `plugin.make_method(name, base_loss, num_classes=..., dim=..., total_steps=...,
