@@ -68,6 +68,8 @@ def test_history_skips_predicted_slow_and_previously_failed_sides():
     assert "failed at B=256 D=128" in history.skip_reason("b", "pml", 256, 512, max_case_s=60)
     assert history.skip_reason("b", "pml", 256, 128, max_case_s=60) is None  # the size itself is retried
     assert history.skip_reason("c", "pml", 1024, 128, max_case_s=60) is None  # the spec cap decides alone
+    history.add_row({"loss": "b", "B": 256, "D": 128, "pml_ms": 5.0})  # a later success replaces the failure
+    assert history.skip_reason("b", "pml", 256, 512, max_case_s=60) is None
 
 
 def test_run_case_records_a_skip_and_keeps_going(tmp_path):

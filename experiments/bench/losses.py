@@ -305,8 +305,9 @@ class History:
     def add_row(self, row: dict[str, Any]) -> None:
         for side in SIDES:
             key, size = (row["loss"], side), (int(row["B"]), int(row["D"]))
-            if f"{side}_ms" in row:
+            if f"{side}_ms" in row:  # a later success at a size replaces an earlier failure there
                 self.seconds.setdefault(key, {})[size] = row[f"{side}_ms"] / 1e3
+                self.failed.get(key, {}).pop(size, None)
             elif f"{side}_error" in row and propagates(row[f"{side}_error"]) and "pml_max_batch" not in row[f"{side}_error"]:
                 self.failed.setdefault(key, {})[size] = row[f"{side}_error"]
 
