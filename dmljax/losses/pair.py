@@ -613,6 +613,40 @@ def _quadruplet_hard(dist, labels, positive, negative, margin1, margin2, reducti
 # ----------------------------------------------------------------------------- ranked list
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _softmax_weighted_mean(values, mask, temperature):
+    """Per row: ``sum_j p_j v_j`` with ``p = softmax(temperature * v)`` over the masked entries
+    of ``values`` [B, M] (0 for an empty row), the weights differentiated through.
+
+    The gradient, ``dL/dv_j = p_j (1 + temperature (v_j - L))``, is written out (one fused
+    pass over B x M instead of the many reductions autodiff of the masked softmax makes).
+    """
+    return _softmax_weighted_mean_fwd(values, mask, temperature)[0]
+
+
+def _softmax_weighted_mean_fwd(values, mask, temperature):
+    scaled = temperature * values
+    shift = jnp.max(jnp.where(mask, scaled, -jnp.inf), axis=1, keepdims=True)
+    shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+    weights = jnp.where(mask, jnp.exp(jnp.where(mask, scaled - shift, 0.0)), 0.0)
+    total = jnp.sum(weights, axis=1)
+    safe_total = jnp.where(total > 0, total, 1.0)
+    mean = jnp.sum(weights * jnp.where(mask, values, 0.0), axis=1) / safe_total
+    return mean, (values, mask, shift, safe_total, mean)
+
+
+def _softmax_weighted_mean_bwd(temperature, residuals, g):
+    values, mask, shift, safe_total, mean = residuals
+    p = jnp.where(mask, jnp.exp(jnp.where(mask, temperature * values - shift, 0.0)), 0.0) / safe_total[:, None]
+    d_values = g[:, None] * p * (1.0 + temperature * (values - mean[:, None]))
+    return jnp.where(mask, d_values, 0.0), None
+
+
+_softmax_weighted_mean.defvjp(_softmax_weighted_mean_fwd, _softmax_weighted_mean_bwd)
+
+
+
+
 def ranked_list_loss(
     embeddings: jax.Array,
     labels: jax.Array,
@@ -657,15 +691,9 @@ def ranked_list_loss(
     neg_violation = boundary - dist
     pos_set = positive & (pos_violation > 0)
     neg_set = negative & (neg_violation > 0)
-    # softmax weights, shifted by the row max (the shift cancels in the normalisation)
-    log_w_pos = temperature_pos * pos_violation
-    log_w_neg = temperature * neg_violation
-    lse_pos, _ = _masked_logsumexp(log_w_pos, pos_set, axis=1)
-    lse_neg, _ = _masked_logsumexp(log_w_neg, neg_set, axis=1)
-    w_pos = jnp.where(pos_set, jnp.exp(jnp.where(pos_set, log_w_pos - lse_pos[:, None], 0.0)), 0.0)
-    w_neg = jnp.where(neg_set, jnp.exp(jnp.where(neg_set, log_w_neg - lse_neg[:, None], 0.0)), 0.0)
-    loss_pos = jnp.sum(w_pos * jnp.where(pos_set, pos_violation, 0.0), axis=1)
-    loss_neg = jnp.sum(w_neg * jnp.where(neg_set, neg_violation, 0.0), axis=1)
+    # softmax-weighted means of the violations (weights exp(T v), differentiated through)
+    loss_pos = _softmax_weighted_mean(pos_violation, pos_set, float(temperature_pos))
+    loss_neg = _softmax_weighted_mean(neg_violation, neg_set, float(temperature))
     values = (1.0 - lambda_balance) * loss_pos + lambda_balance * loss_neg
     return reduce_loss(values, _valid_rows(valid, x.shape[0], values.dtype), reduction=reduction)
 
