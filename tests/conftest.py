@@ -5,7 +5,16 @@ Tests that check float32 / bf16 behaviour pass explicit dtypes.
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+_xla_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _xla_flags:
+    _xla_flags += " --xla_force_host_platform_device_count=8"
+# Test programs are tiny and compiled once or twice: LLVM's optimisation passes are most of the
+# CPU time of the suite (about 30% of it) and buy nothing at these sizes. Level 0 keeps the XLA
+# HLO passes and IEEE semantics (no fast-math), so values are unchanged at the tests' tolerances.
+# Override with XLA_FLAGS=--xla_backend_optimization_level=2 to test the production setting.
+if "xla_backend_optimization_level" not in _xla_flags:
+    _xla_flags += " --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = _xla_flags.strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import jax  # noqa: E402
