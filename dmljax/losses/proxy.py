@@ -20,6 +20,8 @@ Padding
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -229,6 +231,38 @@ def _soft_class_similarity(x, centers, gamma):
     return jnp.sum(weights * sim, axis=2)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _soft_similarity_normalised(xn, cn, gamma):
+    """``_soft_class_similarity`` of already normalised xn [B, D] and centers cn [C, K, D]
+    (gamma > 0), with a written-out backward: dS_ic / ds_ick = p_ick (1 + (s_ick - S_ic) / gamma),
+    p = softmax_k(s / gamma); one fused pass and two matmuls (the centers' gradient as
+    (xn^T ds)^T, which avoids transposing the [B, C K] gradient on CPU)."""
+    return _soft_similarity_fwd(xn, cn, gamma)[0]
+
+
+def _soft_similarity_fwd(xn, cn, gamma):
+    c, k, d = cn.shape
+    sim = (xn @ cn.reshape(c * k, d).T).reshape(-1, c, k)
+    shift = jax.lax.stop_gradient(jnp.max(sim, axis=2, keepdims=True))
+    weights = jnp.exp((sim - shift) / gamma)
+    total = jnp.sum(weights, axis=2, keepdims=True)
+    soft = jnp.sum(weights * sim, axis=2) / total[..., 0]
+    return soft, (xn, cn, sim, shift, total, soft)
+
+
+def _soft_similarity_bwd(gamma, residuals, g):
+    xn, cn, sim, shift, total, soft = residuals
+    c, k, d = cn.shape
+    p = jnp.exp((sim - shift) / gamma) / total
+    d_sim = (g[..., None] * p * (1.0 + (sim - soft[..., None]) / gamma)).reshape(-1, c * k)
+    d_xn = d_sim @ cn.reshape(c * k, d)
+    d_cn = (xn.T @ d_sim).T.reshape(c, k, d)
+    return d_xn, d_cn
+
+
+_soft_similarity_normalised.defvjp(_soft_similarity_fwd, _soft_similarity_bwd)
+
+
 def multi_proxy_anchor_loss(
     embeddings: jax.Array,
     labels: jax.Array,
@@ -328,7 +362,7 @@ def soft_triple_loss(
     x, _, w, row_valid, one_hot = check_proxy_inputs(
         embeddings, labels, centers, valid=valid, proxy_rank=3, name="centers"
     )
-    sim = _soft_class_similarity(x, w, gamma)  # [B, C]
+    sim = _soft_similarity_normalised(distances.l2_normalize(x), distances.l2_normalize(w), float(gamma))  # [B, C]
     logits = la * (sim - margin * one_hot.astype(sim.dtype))
     positive_logit = jnp.sum(jnp.where(one_hot, logits, 0.0), axis=1)
     per_sample = jax.nn.logsumexp(logits, axis=1) - positive_logit
