@@ -68,6 +68,13 @@ def machine_info() -> dict[str, Any]:
         info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     except Exception:
         info["torch"] = None
+    try:
+        import pytorch_metric_learning
+
+        info["pytorch_metric_learning"] = pytorch_metric_learning.__version__
+    except Exception:
+        info["pytorch_metric_learning"] = None
+    info["cpu_count"] = os.cpu_count()
     return info
 
 
