@@ -65,6 +65,9 @@ def hier_with_proxy_anchor(emb, labels, pa_proxies, hier_proxies):
     return hier_regularized_loss(emb, labels, hier_proxies, pa_proxies, base_loss=proxy_anchor_loss, weight=1.0)
 
 
+# compiled once per proxy shape (eager dispatch of the few ops costs more than compiling them)
+predict = jax.jit(nearest_proxy_predict)
+
 K = 3
 CASES = {
     "proxy_nca": (functools.partial(proxy_nca_loss), [(NUM_CLASSES, EMB_DIM)]),
@@ -84,7 +87,7 @@ def test_training_reaches_high_nearest_proxy_accuracy(name):
     base, base_t = y < NUM_CLASSES, yt < NUM_CLASSES
     params = train(loss_fn, shapes, x[base], y[base])
     w, proxies = params[0], params[1]
-    accuracy = float(np.mean(np.asarray(nearest_proxy_predict(xt[base_t] @ w, proxies)) == yt[base_t]))
+    accuracy = float(np.mean(np.asarray(predict(xt[base_t] @ w, proxies)) == yt[base_t]))
     assert accuracy > 0.95, f"{name}: held-out nearest-proxy accuracy {accuracy:.3f}"
 
 
@@ -96,15 +99,16 @@ def test_imprinted_proxies_classify_novel_classes():
     imprinted = imprint_weights(x[shots] @ w, y[shots] - NUM_CLASSES, num_classes=NUM_NOVEL)
     novel_t = yt >= NUM_CLASSES
     # novel classes among themselves
-    pred = np.asarray(nearest_proxy_predict(xt[novel_t] @ w, imprinted)) + NUM_CLASSES
+    pred = np.asarray(predict(xt[novel_t] @ w, imprinted)) + NUM_CLASSES
     assert np.mean(pred == yt[novel_t]) > 0.95
     np.testing.assert_allclose(np.linalg.norm(imprinted, axis=1), 1.0, rtol=1e-5)
     # The imprinted weights are good proxies for further training too: the proxy loss of the
     # novel samples is lower with them than with random proxies of the same norm.
     novel = ~base
     random_proxies = kaiming_normal_fan_out(jax.random.key(5), (NUM_NOVEL, EMB_DIM))
-    with_imprinted = proxy_anchor_loss(x[novel] @ w, y[novel] - NUM_CLASSES, imprinted)
-    with_random = proxy_anchor_loss(x[novel] @ w, y[novel] - NUM_CLASSES, random_proxies)
+    loss = jax.jit(proxy_anchor_loss)
+    with_imprinted = loss(x[novel] @ w, y[novel] - NUM_CLASSES, imprinted)
+    with_random = loss(x[novel] @ w, y[novel] - NUM_CLASSES, random_proxies)
     assert with_imprinted < with_random
 
 
@@ -150,9 +154,11 @@ def test_heads_call_the_pure_losses_and_init_like_the_papers():
         (SoftTripleHead(NUM_CLASSES, EMB_DIM, 2, rngs=nnx.Rngs(0)), soft_triple_loss),
         (HIERHead(8, EMB_DIM, rngs=nnx.Rngs(0)), hier_loss),
     ]
+    call = nnx.jit(lambda h, e, l: h(e, l))
     for head, pure in heads:
-        value = nnx.jit(lambda h, e, l: h(e, l))(head, x, y)
-        np.testing.assert_allclose(value, pure(x, y, head.proxies[...]), rtol=1e-5)
+        value = call(head, x, y)
+        # the pure loss compiled too: op-by-op eager dispatch of five losses cost seconds
+        np.testing.assert_allclose(value, jax.jit(pure)(x, y, head.proxies[...]), rtol=1e-5)
     big = ProxyAnchorHead(200, 64, rngs=nnx.Rngs(1))
     assert abs(float(jnp.std(big.proxies[...])) - np.sqrt(2.0 / 200)) < 0.01  # Kaiming normal, fan_out = C
     with pytest.raises(ValueError, match="^num_classes"):
