@@ -2,8 +2,11 @@
 
     python -m experiments.compare_issue8                       # 3 seeds each (~10 min on 2 busy cores)
     python -m experiments.compare_issue8 --seeds 0 --omniglot-steps 100   # smoke run
+    python -m experiments.compare_issue8 --part omniglot_methods --seeds 0 --stop-at 15:25
+                                          # section 4 only (~5 min per run on 2 busy cores)
 
-Three comparisons, each over ``--seeds``:
+``--part original`` (the default) runs the three comparisons below, each over ``--seeds``;
+``--part omniglot_methods`` runs section 4 only and merges it into the existing outputs.
 
 1. synthetic multi-label (`experiments.synthetic`, config synthetic_multilabel): multi-label triplet
    selection (``loss.label_mode=multi``) vs the naive single-label baseline (``first``), same data
@@ -16,6 +19,22 @@ Three comparisons, each over ``--seeds``:
    plain single-view evaluation, no mid-run evaluation), its last checkpoint restored, the
    background_small1 (train, no rotation classes) and minimal_test embeddings computed with
    `dmljax.train.step.embed`, then `experiments.rerank.rerank_report` (top-10 re-ranked).
+
+4. (``--part omniglot_methods``) the issue-8 methods that are trainer flags, on minimal Omniglot
+   with the budget and protocol of `experiments.compare_issue7` (``--omniglot-steps`` steps,
+   plain single-view evaluation once at the end, no NMI): R@1, MAP@R, 20-way one-shot error,
+   wall time (``OMNIGLOT_VARIANTS``):
+   (a) ``loss.name=ensemble loss.components=['multi_similarity','contrastive']`` (learned loss
+       weights, reported at the end) vs each component alone;
+   (b) RKD teacher-student: the baseline run (default conv-net 32-64-128-256) is the teacher of a
+       smaller student (``model.channels=(16,32,64,128)``) trained with ``distill.teacher=<the
+       baseline's workdir> distill.weight=1.0``, vs the same student without distillation;
+   (c) ``model.backbone=global_local loss.name=hybrid_pair_proxy`` vs the baseline.
+   Runs go seed-major in the order of ``OMNIGLOT_VARIANTS`` (the teacher first); ``--stop-at HH:MM``
+   (UTC) starts no run expected to end later; ``--reuse-runs`` takes a run's ``final.json`` instead
+   of retraining when its workdir holds a finished run of exactly the same config. Run directories
+   go to ``runs/issue8_methods/``; the result is stored under the ``omniglot_methods`` key of the
+   json and as section 4 of the md (the other sections are kept as they are).
 
 Writes ``experiments/results/issue8_comparison.json`` (every run, means/stds, timings, machine
 load) and ``issue8_comparison.md`` (the tables). Run directories go to ``runs/issue8/``.
@@ -30,6 +49,7 @@ import os
 import platform
 import subprocess
 import time
+from typing import Callable
 
 import jax
 import numpy as np
@@ -219,22 +239,265 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> dict:
+# ----------------------------------------------------------------------------- 4. Omniglot methods
+STUDENT_CHANNELS = "model.channels=(16, 32, 64, 128)"
+# (variant, --set overrides, description, group); "{teacher}" is the seed's baseline workdir
+OMNIGLOT_VARIANTS: tuple[tuple[str, tuple[str, ...], str, str], ...] = (
+    ("baseline_ms", (), "multi-similarity, conv-net 32-64-128-256 (baseline; RKD teacher)", "a, b, c"),
+    ("contrastive", ("loss.name=contrastive",), "contrastive alone", "a"),
+    ("ensemble_ms_contrastive", ("loss.name=ensemble", "loss.components=['multi_similarity','contrastive']"),
+     "ensemble of multi-similarity + contrastive, learned weights", "a"),
+    ("student", (STUDENT_CHANNELS,), "student conv-net 16-32-64-128, multi-similarity, no distillation", "b"),
+    ("student_rkd", (STUDENT_CHANNELS, "distill.teacher={teacher}", "distill.weight=1.0"),
+     "same student + RKD from the baseline (distill.weight 1.0)", "b"),
+    ("global_local_hybrid", ("model.backbone=global_local", "loss.name=hybrid_pair_proxy"),
+     "global + local (second-order attention) embeddings, hybrid pair + proxy loss", "c"),
+)
+OMNIGLOT_METRICS = ("recall@1", "map_at_r", "one_shot_error")
+OMNIGLOT_CAVEATS = (
+    "300 steps is a short budget (the full protocol trains 3000 steps on 964 characters, R@1 ~0.87 plain); "
+    "every method runs with its default options, untuned for this budget, so this compares the methods at "
+    "a small, equal budget only.",
+    "With 1 seed the differences carry no error bar; R@1 differences of ~0.01 between seeds of the same "
+    "config are typical at this budget (section 3), so smaller gaps are noise.",
+    "Wall times were taken on a 2-core machine shared with other engineers (load average above), so they "
+    "mostly measure the others' load: only a rough indication of each method's cost.",
+)
+
+
+def omniglot_method_argv(variant: str, seed: int, steps: int, workroot: str) -> list[str]:
+    """``experiments.train`` argv of one section-4 run (shared budget + the variant's overrides)."""
+    sets = {v: s for v, s, _, _ in OMNIGLOT_VARIANTS}[variant]
+    teacher = os.path.join(workroot, f"baseline_ms_seed{seed}")
+    argv = ["--config", "omniglot_small", "--workdir", os.path.join(workroot, f"{variant}_seed{seed}")]
+    for s in _omniglot_sets(seed, steps) + [x.format(teacher=teacher) for x in sets]:
+        argv += ["--set", s]
+    return argv
+
+
+def _finished_run(argv: list[str]) -> dict | None:
+    """``final.json`` of the argv's workdir if that workdir holds a finished run of exactly the
+    config the argv asks for (its ``config.json``), else None."""
+    from experiments import train as trainer
+
+    workdir = argv[argv.index("--workdir") + 1]
+    sets = argv[argv.index("--workdir") + 3::2]
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            done = json.load(f)
+        with open(os.path.join(workdir, "final.json")) as f:
+            final = json.load(f)
+    except (OSError, ValueError):
+        return None
+    wanted = json.loads(trainer.apply_overrides(get_config("omniglot_small"), sets).to_json())
+    return final if done == wanted else None
+
+
+def _param_count(argv: list[str]) -> int:
+    """Trainable parameters of the run's embedding model (`experiments.train.build_model`)."""
+    from flax import nnx
+
+    from experiments import train as trainer
+
+    config = trainer.apply_overrides(get_config("omniglot_small"), argv[argv.index("--workdir") + 3::2])
+    model = nnx.eval_shape(lambda: trainer.build_model(config, 0))  # shapes only, nothing computed
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+def summarize_methods(runs: list[dict]) -> dict:
+    out = {}
+    for variant, *_ in OMNIGLOT_VARIANTS:
+        rs = sorted((r for r in runs if r["variant"] == variant), key=lambda r: r["seed"])
+        if not rs:
+            continue
+        out[variant] = {"seeds": [r["seed"] for r in rs]}
+        keys = OMNIGLOT_METRICS + ("wall_seconds",) + tuple(sorted({k for r in rs for k in r if k.startswith("loss_weight/")}))
+        for k in keys:
+            vals = [float(r[k]) for r in rs if r.get(k) is not None]
+            if vals:
+                out[variant][k] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "values": vals}
+    return out
+
+
+def _fmt_opt(stat: dict | None, pct: bool = False) -> str:
+    if stat is None:
+        return "n/a"
+    s = 100.0 if pct else 1.0
+    return f"{s * stat['mean']:.{2 if pct else 4}f} ± {s * stat['std']:.{2 if pct else 4}f}"
+
+
+def markdown_methods(section: dict) -> str:
+    """Section 4 of the md (its own command line, commit, seeds, load)."""
+    m, summary = section["meta"], section["summary"]
+    seeds_run = sorted({r["seed"] for r in section["runs"]})
+    r1 = {v: s["recall@1"]["mean"] for v, s in summary.items() if "recall@1" in s}
+    ref = {"contrastive": None, "ensemble_ms_contrastive": "baseline_ms", "student_rkd": "student",
+           "global_local_hybrid": "baseline_ms", "student": "baseline_ms"}
+    lines = [
+        "## 4. Issue-8 trainer-flag methods on Omniglot (`omniglot_small`, `--part omniglot_methods`)",
+        "",
+        f"`python -m experiments.compare_issue8 {' '.join(m['argv'])}` at commit `{m['commit']}`, {m['date']}. "
+        f"Seeds run: {len(seeds_run)} ({seeds_run}; asked for {m['seeds_requested']}); {len(section['runs'])} runs; "
+        "mean ± std over seeds (population std, 0 with one seed).",
+        f"Machine: {m['machine']}; load average (1/5/15 min) {m['load_start']} at the start, {m['load_end']} at "
+        "the end (shared with other engineers' jobs: wall times inflated).",
+        "",
+        f"Same budget for every run: {m['steps']} steps of 16 classes x 8 images on background_small1 (with the "
+        "rotation classes), warm-up steps/10, AdamW 3e-3, then one plain single-view evaluation: 106 unseen "
+        "minimal_test characters (2120 images, each a query vs all others) and the 20 official 20-way one-shot runs. "
+        "Δ is the R@1 difference to the reference run named in brackets.",
+        "",
+        "| group | variant | what | params | R@1 | Δ R@1 | MAP@R | one-shot error % | wall s | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for variant, _, what, group in OMNIGLOT_VARIANTS:
+        s = summary.get(variant)
+        if s is None:
+            lines.append(f"| {group} | {variant} | {what} | | not run | | | | | 0 |")
+            continue
+        base = ref.get(variant)
+        delta = f"{r1[variant] - r1[base]:+.4f} ({base})" if base in r1 and variant in r1 else ""
+        if variant == "ensemble_ms_contrastive" and "contrastive" in r1:
+            delta += f", {r1[variant] - r1['contrastive']:+.4f} (contrastive)"
+        params = m.get("params", {}).get(variant)
+        lines.append(f"| {group} | {variant} | {what} | {params if params is not None else ''} | "
+                     f"{_fmt_opt(s.get('recall@1'))} | {delta} | {_fmt_opt(s.get('map_at_r'))} | "
+                     f"{_fmt_opt(s.get('one_shot_error'), pct=True)} | {s['wall_seconds']['mean']:.0f} | "
+                     f"{len(s['seeds'])} |")
+    weights = {k: v for k, v in summary.get("ensemble_ms_contrastive", {}).items() if k.startswith("loss_weight/")}
+    if weights:
+        lines += ["", "Learned ensemble weights at the end (`loss_weight/<i>_<component>`, "
+                      "`dmljax.losses.ensemble`, method uncertainty): "
+                  + ", ".join(f"{k.removeprefix('loss_weight/')} {_fmt_opt(v)}" for k, v in weights.items()) + "."]
+    lines += ["", "Per run (variant, seed: R@1 / MAP@R / one-shot error / wall s):", ""]
+    for r in section["runs"]:
+        ose = "n/a" if r.get("one_shot_error") is None else f"{100 * r['one_shot_error']:.2f}%"
+        lines.append(f"- {r['variant']}, seed {r['seed']}: {r['recall@1']:.4f} / {r['map_at_r']:.4f} / {ose} / "
+                     f"{r['wall_seconds']:.0f} s" + (" (finished run reused)" if r.get("reused") else ""))
+    caveats = list(m.get("caveats", ()))
+    if caveats:
+        lines += ["", "Caveats:", ""] + [f"- {c}" for c in caveats]
+    return "\n".join(lines) + "\n"
+
+
+SECTION4 = "\n## 4. "
+
+
+def _with_section4(md: str, section: dict | None) -> str:
+    """``md`` with its section 4 (if any) replaced by ``section``'s (or dropped if None)."""
+    cut = md.find(SECTION4)
+    head = md if cut < 0 else md[:cut + 1]
+    if section is None:
+        return head
+    return head.rstrip("\n") + "\n\n" + markdown_methods(section)
+
+
+def methods_comparison(args, argv, runner: Callable[[list[str]], dict], commit: str) -> dict:
+    """Section 4: runs seed-major, rewrites <out>.json / .md after every run (other keys kept)."""
+    variants = list(args.variants)
+    if "student_rkd" in variants and "baseline_ms" not in variants:
+        raise ValueError("--variants: student_rkd needs baseline_ms (its teacher)")
+    deadline = None
+    if args.stop_at is not None:
+        hh, mm = (int(x) for x in args.stop_at.split(":"))
+        now = datetime.datetime.now(datetime.timezone.utc)
+        deadline = now.replace(hour=hh, minute=mm, second=0, microsecond=0).timestamp()
+    t0, load_start = time.perf_counter(), _load()
+    runs: list[dict] = []
+    params: dict[str, int] = {}
+
+    def write(stopped: str | None = None) -> dict:
+        section = {"runs": runs, "summary": summarize_methods(runs), "meta": {
+            "argv": list(argv) if argv is not None else [], "commit": commit,
+            "seeds_requested": list(args.seeds), "steps": args.omniglot_steps, "variants": variants,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, jax {jax.__version__} on "
+                       f"{jax.default_backend()}", "load_start": load_start, "load_end": _load(),
+            "wall_seconds": time.perf_counter() - t0, "stopped": stopped, "params": params,
+            "caveats": list(OMNIGLOT_CAVEATS) + ([f"Stopped early: {stopped}."] if stopped else [])}}
+        result = {}
+        if os.path.exists(args.out + ".json"):
+            with open(args.out + ".json") as f:
+                result = json.load(f)
+        result["omniglot_methods"] = section
+        md = ""
+        if os.path.exists(args.out + ".md"):
+            with open(args.out + ".md") as f:
+                md = f.read()
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out + ".json", "w") as f:
+            json.dump(result, f, indent=1)
+        with open(args.out + ".md", "w") as f:
+            f.write(_with_section4(md, section))
+        return section
+
+    stopped = None
+    for seed in args.seeds:
+        for variant in variants:
+            run_argv = omniglot_method_argv(variant, seed, args.omniglot_steps, args.workroot)
+            params.setdefault(variant, _param_count(run_argv))
+            final = _finished_run(run_argv) if args.reuse_runs else None
+            reused = final is not None
+            if final is None and deadline is not None:
+                walls = [r["wall_seconds"] for r in runs if not r["reused"]] or [0.0]
+                if time.time() + float(np.mean(walls)) > deadline:
+                    stopped = f"--stop-at {args.stop_at} UTC reached before {variant} seed {seed}"
+                    break
+            t_run = time.perf_counter()
+            if final is None:
+                final = runner(run_argv)
+            record = {"variant": variant, "seed": seed, "steps": args.omniglot_steps, "reused": reused,
+                      "wall_seconds": float(final.get("total_seconds", 0.0)) if reused else time.perf_counter() - t_run,
+                      "load": _load(), "argv": run_argv}
+            for k in OMNIGLOT_METRICS + ("train_seconds",):
+                record[k] = float(final[k]) if k in final else None
+            record.update({k: float(v) for k, v in final.items() if k.startswith("loss_weight/")})
+            runs.append(record)
+            print(f"[issue8 omniglot] {variant} seed {seed}: R@1 {record['recall@1']:.4f} MAP@R "
+                  f"{record['map_at_r']:.4f} ({record['wall_seconds']:.0f} s, load {record['load']}"
+                  f"{', reused' if reused else ''})", flush=True)
+            write()
+        if stopped:
+            break
+    section = write(stopped)
+    print(markdown_methods(section))
+    return section
+
+
+def _default_runner(argv: list[str]) -> dict:
+    from experiments import train as trainer
+
+    return trainer.main(argv)
+
+
+def main(argv=None, runner: Callable[[list[str]], dict] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--omniglot-steps", type=int, default=300)
     parser.add_argument("--rerank-steps", type=int, default=1000)
-    parser.add_argument("--workroot", default="runs/issue8")
+    parser.add_argument("--workroot", default=None,
+                        help="run directories (default runs/issue8; runs/issue8_methods for --part omniglot_methods)")
     parser.add_argument("--out", default=os.path.join(RESULTS, "issue8_comparison"),
                         help="output path without extension (.json and .md are written)")
+    parser.add_argument("--part", choices=("original", "omniglot_methods"), default="original",
+                        help="original: sections 1-3; omniglot_methods: section 4 only (merged into --out)")
+    parser.add_argument("--variants", nargs="+", default=[v for v, *_ in OMNIGLOT_VARIANTS],
+                        choices=[v for v, *_ in OMNIGLOT_VARIANTS], help="section 4 variants")
+    parser.add_argument("--stop-at", default=None, help="section 4: HH:MM UTC, start no run expected to end later")
+    parser.add_argument("--reuse-runs", action="store_true",
+                        help="section 4: reuse a workdir's finished run of exactly the same config")
     args = parser.parse_args(argv)
+    if args.workroot is None:
+        args.workroot = "runs/issue8_methods" if args.part == "omniglot_methods" else "runs/issue8"
     t0 = time.perf_counter()
     load_start = _load()
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(__file__)).stdout.strip()
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
     except OSError:
         commit = "unknown"
+    if args.part == "omniglot_methods":
+        return methods_comparison(args, argv, runner or _default_runner, commit)
     rerank_options = {"rerank_k": 10, "rerank_steps": args.rerank_steps}
     result = {
         "multilabel": synthetic_comparison("synthetic_multilabel", "loss.label_mode", ("multi", "first"),
@@ -251,10 +514,16 @@ def main(argv=None) -> dict:
         "omniglot_steps": args.omniglot_steps, "rerank_options": rerank_options,
     }
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    section4 = None  # keep an earlier --part omniglot_methods result
+    if os.path.exists(args.out + ".json"):
+        with open(args.out + ".json") as f:
+            section4 = json.load(f).get("omniglot_methods")
+    if section4 is not None:
+        result["omniglot_methods"] = section4
     with open(args.out + ".json", "w") as f:
         json.dump(result, f, indent=1)
     with open(args.out + ".md", "w") as f:
-        f.write(markdown(result))
+        f.write(_with_section4(markdown(result), section4))
     print(markdown(result))
     return result
 
