@@ -66,3 +66,12 @@ def test_stop_at_and_bad_args(tmp_path):
         c.main(["--seeds", "0", "--out", str(tmp_path / "b")], runner=_fake_runner(calls))
     with pytest.raises(SystemExit):
         c.main(["--variants", "nope"], runner=_fake_runner(calls))
+
+
+def test_paired_delta_uses_common_seeds_only():
+    runs = [{"variant": "baseline", "seed": 0, "recall@1": 0.80}, {"variant": "baseline", "seed": 1, "recall@1": 0.90},
+            {"variant": "iaa", "seed": 0, "recall@1": 0.83}]
+    assert c.paired_delta(runs, "iaa", "baseline") == "+0.0300"  # not 0.83 - mean(0.80, 0.90)
+    runs.append({"variant": "iaa", "seed": 1, "recall@1": 0.89})
+    assert c.paired_delta(runs, "iaa", "baseline") == "+0.0100 (2 seeds)"
+    assert c.paired_delta(runs, "das", "baseline") == "n/a"
