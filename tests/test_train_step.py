@@ -83,6 +83,7 @@ def test_every_loss_family_plugs_in(data, module, name, kind):
         assert _diff(new.params["loss"], state.params["loss"]) > 0
 
 
+@pytest.mark.slow  # ~270 op-by-op compilations (8-11 s CPU); every other test here runs the jitted step
 def test_jit_matches_eager(data):
     from dmljax.losses.pair import contrastive_loss
     # SGD: Adam would blow float noise in exactly-zero gradients up to full-size updates
