@@ -104,6 +104,19 @@ def paired_delta(runs: list[dict], variant: str, reference: str, key: str = "rec
     return f"{np.mean([a[s] - b[s] for s in common]):+.4f}" + (f" ({len(common)} seeds)" if len(common) > 1 else "")
 
 
+def seed_text(runs: list[dict]) -> str:
+    """"N (seeds [...]) for every variant" plus the seeds only some variants ran."""
+    variants = [v for v, _, _ in VARIANTS]
+    per_seed = {}
+    for r in runs:
+        per_seed.setdefault(r["seed"], set()).add(r["variant"])
+    full = sorted(s for s, vs in per_seed.items() if set(variants) <= vs)
+    text = f"{len(full)} ({full}) for every variant"
+    for s in sorted(set(per_seed) - set(full)):
+        text += f"; seed {s} only for {sorted(per_seed[s], key=variants.index)}"
+    return text
+
+
 def _fmt(stat: dict | None, pct: bool = False) -> str:
     if stat is None:
         return "n/a"
@@ -113,16 +126,18 @@ def _fmt(stat: dict | None, pct: bool = False) -> str:
 
 def markdown(result: dict) -> str:
     m, summary = result["meta"], result["summary"]
-    seeds_run = sorted({r["seed"] for r in result["runs"]})
     lines = [
         "# Issue 7 comparison: issue-7 methods on the minimal Omniglot protocol",
         "",
         f"`python -m experiments.compare_issue7 {' '.join(m['argv'])}` at commit `{m['commit']}`, "
-        f"{m['date']}. Seeds run: {len(seeds_run)} ({seeds_run}; asked for {m['seeds_requested']}); "
+        f"{m['date']}. Seeds run: {seed_text(result['runs'])} (asked for {m['seeds_requested']}); "
         f"{len(result['runs'])} runs. Mean ± std over seeds (population std; 0 with one seed).",
         f"Machine: {m['machine']}; load average (1/5/15 min) {m['load_start']} at the start, "
         f"{m['load_end']} at the end (a shared machine: other engineers' jobs ran concurrently, so the "
         f"wall times are inflated and not comparable between runs to better than ~30%).",
+    ] + [f"Runs kept from an earlier invocation: `{p['argv']}` at commit `{p['commit']}`, {p['date']}, "
+         f"{p['num_runs']} runs, load {p['load_start']} -> {p['load_end']}, {p['wall_seconds']:.0f} s."
+         for p in m.get("previous_invocations", [])] + [
         "",
         f"Same budget for every run: `--config omniglot_small`, {m['steps']} steps (batch 16 classes x 8), "
         "multi-similarity base loss, method default options, plain single-view evaluation at the end only "
@@ -203,10 +218,16 @@ def main(argv=None, runner: Callable[[list[str]], dict] | None = None) -> dict:
     except OSError:
         commit = "unknown"
     runs: list[dict] = []
+    previous: list[dict] = []  # the meta of the invocations whose runs are kept (--resume)
     if args.resume and os.path.exists(args.out + ".json"):
         with open(args.out + ".json") as f:
             old = json.load(f)
         runs = [r for r in old["runs"] if r.get("steps") == args.steps]
+        if runs:
+            meta = dict(old["meta"])
+            previous = meta.pop("previous_invocations", []) + [
+                {k: meta[k] for k in ("argv", "commit", "date", "load_start", "load_end", "wall_seconds", "num_runs")
+                 if k in meta}]
     done = {(r["variant"], r["seed"]) for r in runs}
 
     def write(stopped: str | None = None) -> dict:
@@ -218,6 +239,7 @@ def main(argv=None, runner: Callable[[list[str]], dict] | None = None) -> dict:
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
                        f"{_backend()}", "load_start": load_start, "load_end": _load(),
             "wall_seconds": time.perf_counter() - t0, "stopped": stopped,
+            "previous_invocations": previous,
             "caveats": list(CAVEATS) + ([f"Stopped early: {stopped}."] if stopped else [])}}
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out + ".json", "w") as f:

@@ -48,13 +48,17 @@ def test_runs_summary_and_outputs(tmp_path):
     with open(out + ".json") as f:
         assert json.load(f)["summary"]["baseline"]["seeds"] == [0, 1]
     md = open(out + ".md").read()
-    assert "Seeds run: 2" in md and "| bspml |" in md and "+0.0500" in md and "| daml |" in md
+    assert "Seeds run: 0 ([]) for every variant; seed 0 only for ['baseline', 'bspml']" in md and "| bspml |" in md and "+0.0500" in md and "| daml |" in md
     assert "not run" in md  # variants left out are listed as such
 
     calls.clear()  # resume: only the missing seed is trained
     result = c.main(["--seeds", "3", "--steps", "5", "--out", out, "--variants", "baseline", "bspml", "--resume"],
                     runner=_fake_runner(calls))
     assert len(calls) == 2 and result["meta"]["seeds_run"] == [0, 1, 2] and len(result["runs"]) == 6
+    assert [p["num_runs"] for p in result["meta"]["previous_invocations"]] == [4]
+    assert "Runs kept from an earlier invocation" in open(out + ".md").read()
+    runs = [{"variant": v, "seed": 0} for v, _, _ in c.VARIANTS] + [{"variant": "iaa", "seed": 1}]
+    assert c.seed_text(runs) == "1 ([0]) for every variant; seed 1 only for ['iaa']"
 
 
 def test_stop_at_and_bad_args(tmp_path):
