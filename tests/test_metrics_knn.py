@@ -203,3 +203,21 @@ def test_self_search_memory_bounded_by_tiles():
     temp = compiled.memory_analysis().temp_size_in_bytes
     assert temp < 8 * b * b * 4, temp
     assert temp < n * n * 4 / 20
+
+
+def test_bench_numpy_path_is_exact():
+    """The benchmark's numpy argpartition path (compared against dmljax in experiments/results)."""
+    from experiments.bench.knn import _numpy_knn
+
+    x = np.random.default_rng(11).normal(size=(40, 3))
+    ref_idx, _ = brute_force_knn(x, x, 4, "squared_euclidean", exclude_self=True)
+    np.testing.assert_array_equal(_numpy_knn(x, 4, 16), ref_idx)
+
+
+@pytest.mark.slow
+def test_bench_smoke(tmp_path):
+    from experiments.bench.knn import main
+
+    out = main(["--n", "300", "--dim", "8", "--methods", "dmljax", "numpy", "--json", str(tmp_path / "k.json")])
+    rows = {r["method"]: r for r in out["rows"]}
+    assert rows["numpy"]["agree_with_dmljax"] == 1.0 and rows["dmljax"]["seconds"] > 0
