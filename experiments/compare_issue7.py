@@ -165,6 +165,8 @@ def markdown(result: dict) -> str:
                      f"{100 * r['one_shot_error']:.2f}% / {r['wall_seconds']:.0f} s" if r.get("one_shot_error")
                      is not None else f"- {r['variant']}, seed {r['seed']}: {r['recall@1']:.4f} / "
                      f"{r['map_at_r']:.4f} / n/a / {r['wall_seconds']:.0f} s")
+    for f in result.get("failures", []):
+        lines.append(f"- {f['variant']}, seed {f['seed']}: FAILED after {f['wall_seconds']:.0f} s: {f['error']}")
     if m.get("caveats"):
         lines += ["", "Caveats:", ""] + [f"- {c}" for c in m["caveats"]]
     return "\n".join(lines) + "\n"
@@ -229,9 +231,10 @@ def main(argv=None, runner: Callable[[list[str]], dict] | None = None) -> dict:
                 {k: meta[k] for k in ("argv", "commit", "date", "load_start", "load_end", "wall_seconds", "num_runs")
                  if k in meta}]
     done = {(r["variant"], r["seed"]) for r in runs}
+    failures: list[dict] = []  # runs that raised (not retried here; listed in the report)
 
     def write(stopped: str | None = None) -> dict:
-        result = {"runs": runs, "summary": summarize(runs), "meta": {
+        result = {"runs": runs, "failures": failures, "summary": summarize(runs), "meta": {
             "argv": list(argv) if argv is not None else [], "commit": commit,
             "seeds_requested": list(range(args.seeds)), "seeds_run": sorted({r["seed"] for r in runs}),
             "num_runs": len(runs), "steps": args.steps, "metrics": list(METRICS),
@@ -259,7 +262,14 @@ def main(argv=None, runner: Callable[[list[str]], dict] | None = None) -> dict:
                     stopped = f"--stop-at {args.stop_at} UTC reached before {variant} seed {seed}"
                     break
             t_run = time.perf_counter()
-            final = runner(train_argv(variant, seed, args.steps, args.workroot))
+            try:
+                final = runner(train_argv(variant, seed, args.steps, args.workroot))
+            except Exception as e:  # a broken method must not end the comparison: record it, go on
+                failures.append({"variant": variant, "seed": seed, "error": f"{type(e).__name__}: {e}",
+                                 "wall_seconds": time.perf_counter() - t_run})
+                print(f"[issue7] {variant} seed {seed} FAILED: {failures[-1]['error']}", flush=True)
+                write()
+                continue
             record = {"variant": variant, "seed": seed, "steps": args.steps,
                       "wall_seconds": time.perf_counter() - t_run, "load": _load()}
             for k in METRICS + ("train_seconds",):

@@ -79,3 +79,19 @@ def test_paired_delta_uses_common_seeds_only():
     runs.append({"variant": "iaa", "seed": 1, "recall@1": 0.89})
     assert c.paired_delta(runs, "iaa", "baseline") == "+0.0100 (2 seeds)"
     assert c.paired_delta(runs, "das", "baseline") == "n/a"
+
+
+def test_failed_run_is_recorded_and_the_rest_go_on(tmp_path):
+    calls = []
+    ok = _fake_runner(calls)
+
+    def runner(argv):
+        if "method.name=iaa" in argv:
+            raise ValueError("boom")
+        return ok(argv)
+
+    out = str(tmp_path / "f")
+    result = c.main(["--seeds", "1", "--out", out, "--variants", "iaa", "das"], runner=runner)
+    assert [r["variant"] for r in result["runs"]] == ["das"]
+    assert result["failures"][0]["variant"] == "iaa" and "boom" in result["failures"][0]["error"]
+    assert "iaa, seed 0: FAILED" in open(out + ".md").read()
