@@ -29,7 +29,9 @@
    (b) RKD teacher-student: the baseline run (default conv-net 32-64-128-256) is the teacher of a
        smaller student (``model.channels=(16,32,64,128)``) trained with ``distill.teacher=<the
        baseline's workdir> distill.weight=1.0``, vs the same student without distillation;
-   (c) ``model.backbone=global_local loss.name=hybrid_pair_proxy`` vs the baseline.
+   (c) ``model.backbone=global_local loss.name=hybrid_pair_proxy`` vs the baseline, and each of the
+       two changes alone (``global_local_ms``: the backbone with the baseline loss;
+       ``convnet_hybrid``: the baseline conv-net with the hybrid loss).
    Runs go seed-major in the order of ``OMNIGLOT_VARIANTS`` (the teacher first); ``--stop-at HH:MM``
    (UTC) starts no run expected to end later; ``--reuse-runs`` takes a run's ``final.json`` instead
    of retraining when its workdir holds a finished run of exactly the same config. Run directories
@@ -252,6 +254,11 @@ OMNIGLOT_VARIANTS: tuple[tuple[str, tuple[str, ...], str, str], ...] = (
      "same student + RKD from the baseline (distill.weight 1.0)", "b"),
     ("global_local_hybrid", ("model.backbone=global_local", "loss.name=hybrid_pair_proxy"),
      "global + local (second-order attention) embeddings, hybrid pair + proxy loss", "c"),
+    # (c) split into its two parts: which of the two changes makes the difference
+    ("global_local_ms", ("model.backbone=global_local",), "global + local embeddings, multi-similarity loss",
+     "c (backbone only)"),
+    ("convnet_hybrid", ("loss.name=hybrid_pair_proxy",), "baseline conv-net, hybrid pair + proxy loss",
+     "c (loss only)"),
 )
 OMNIGLOT_METRICS = ("recall@1", "map_at_r", "one_shot_error")
 OMNIGLOT_CAVEATS = (
@@ -332,7 +339,8 @@ def markdown_methods(section: dict) -> str:
     seeds_run = sorted({r["seed"] for r in section["runs"]})
     r1 = {v: s["recall@1"]["mean"] for v, s in summary.items() if "recall@1" in s}
     ref = {"contrastive": None, "ensemble_ms_contrastive": "baseline_ms", "student_rkd": "student",
-           "global_local_hybrid": "baseline_ms", "student": "baseline_ms"}
+           "global_local_hybrid": "baseline_ms", "student": "baseline_ms",
+           "global_local_ms": "baseline_ms", "convnet_hybrid": "baseline_ms"}
     lines = [
         "## 4. Issue-8 trainer-flag methods on Omniglot (`omniglot_small`, `--part omniglot_methods`)",
         "",
@@ -367,7 +375,8 @@ def markdown_methods(section: dict) -> str:
     weights = {k: v for k, v in summary.get("ensemble_ms_contrastive", {}).items() if k.startswith("loss_weight/")}
     if weights:
         lines += ["", "Learned ensemble weights at the end (`loss_weight/<i>_<component>`, "
-                      "`dmljax.losses.ensemble`, method uncertainty): "
+                      "`dmljax.losses.ensemble`, method uncertainty: 0.5 exp(-s_i), "
+                      "0.5 at the start): "
                   + ", ".join(f"{k.removeprefix('loss_weight/')} {_fmt_opt(v)}" for k, v in weights.items()) + "."]
     lines += ["", "Per run (variant, seed: R@1 / MAP@R / one-shot error / wall s):", ""]
     for r in section["runs"]:
