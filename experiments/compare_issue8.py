@@ -457,7 +457,7 @@ def methods_comparison(args, argv, runner: Callable[[list[str]], dict], commit: 
                 final = runner(run_argv)
             record = {"variant": variant, "seed": seed, "steps": args.omniglot_steps, "reused": reused,
                       "wall_seconds": float(final.get("total_seconds", 0.0)) if reused else time.perf_counter() - t_run,
-                      "load": _load(), "argv": run_argv}
+                      "load": None if reused else _load(), "argv": run_argv}  # a reused run's load is unknown
             for k in OMNIGLOT_METRICS + ("train_seconds",):
                 record[k] = float(final[k]) if k in final else None
             record.update({k: float(v) for k, v in final.items() if k.startswith("loss_weight/")})

@@ -75,7 +75,8 @@ def test_section4_merged_reused_and_replaced(tmp_path):
     sec = c.main(["--part", "omniglot_methods", "--seeds", "0", "--omniglot-steps", "5", "--out", out,
                   "--workroot", root, "--variants", "baseline_ms", "student", "--reuse-runs"], runner=_fake_runner(calls))
     assert [a[3] for a in calls] == [os.path.join(root, "student_seed0")]
-    assert sec["runs"][0]["reused"] and sec["runs"][0]["recall@1"] == 0.9 and sec["runs"][0]["wall_seconds"] == 33.0
+    r0 = sec["runs"][0]
+    assert r0["reused"] and r0["recall@1"] == 0.9 and r0["wall_seconds"] == 33.0 and r0["load"] is None
     md = open(out + ".md").read()
     assert md.count("## 4. ") == 1 and "(finished run reused)" in md and "| b | student_rkd |" in md
     assert "-0.4000 (baseline_ms)" in md  # student 0.5 vs reused baseline 0.9
