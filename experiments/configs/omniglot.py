@@ -45,6 +45,17 @@ Full runs of the D4 round (2026-11-23, the shared 2-core CPU, 3000 steps, avg po
         NMI 0.9194  one-shot 4.75%   (step 1500: R@1 0.8683, one-shot 6.25%)
 The one-shot target (<= 5%) is met; R@1 >= 0.90 is still NOT (0.886).
 (there is no head norm in this config, so "before/after the head norm" does not apply.)
+
+Session 2 (2026-11-23, 1500-step runs of this config with one evaluation at the end, 9-view TTA; the
+shared 2-core CPU at load average 10-19, ~0.5 steps/s, so only four variants fit; R@1 / MAP@R / one-shot):
+  baseline (this config, num_steps=1500)                     0.8697 / 0.568 / 6.75%
+  data.flip_classes (mirror images as new classes, 7712)     0.8684 / 0.565 / 5.75%   (no R@1 gain)
+  memory.size=8192 memory.start_step=300 (XBM, MS mining)    0.8099 / 0.471 / 13.75%  (hurts with MS defaults)
+  MS + normalized softmax over the 3856 classes (T 0.05)     0.2134 / 0.053 / 61%     (softmax term dominates)
+  anti-aliased max pool (Zhang 2019, max 2x2/1 + blur/2)     not finished: 3.5x slower per step on XLA:CPU
+                                                              (grouped conv), i.e. out of the 15-min budget
+(flip classes, the hybrid loss and the blur pool were tried in a scratch copy, not kept in the code.)
+Still untried: 32 px input, a longer schedule on a faster step, XBM with contrastive loss / lower beta.
 """
 
 import ml_collections
