@@ -16,7 +16,7 @@ from jax.extend import core as jex
 from jax.test_util import check_grads
 
 from dmljax.losses.triplet import fraction_active_triplets, triplet_margin_loss
-from tests.utils import assert_finite_loss_and_grad, assert_jit_matches, degenerate_batches, random_batch
+from tests.utils import assert_jit_matches, degenerate_batches, random_batch
 
 MININGS = ["all", "semihard", "semihard_triplets", "batch_hard"]
 # one compiled function per static configuration, shared by the property tests (fast reruns)
@@ -203,8 +203,10 @@ def test_vmap_over_batches_and_traced_margin():
     ys = np.stack([random_batch(s, batch=8, dim=3, classes=2)[1] for s in (11, 12)])
     for mining in MININGS:
         f = functools.partial(triplet_margin_loss, mining=mining)
-        batched = jax.vmap(lambda e, l, m: f(e, l, margin=m))(xs, ys, jnp.array([0.3, 0.4]))
-        single = [f(xs[i], ys[i], margin=m) for i, m in enumerate([0.3, 0.4])]
+        # compiled, margin traced in both (op-by-op eager vmap cost ~150 small compilations)
+        one = jax.jit(lambda e, l, m, f=f: f(e, l, margin=m))
+        batched = jax.jit(jax.vmap(one))(xs, ys, jnp.array([0.3, 0.4]))
+        single = [one(xs[i], ys[i], m) for i, m in enumerate([0.3, 0.4])]
         np.testing.assert_allclose(batched, single, rtol=1e-10)
 
 
@@ -225,8 +227,8 @@ def test_padding_equals_unpadded(mining):
     valid = np.arange(12) < 8
     for soft in (False, True):
         fn = functools.partial(triplet_margin_loss, margin=0.4, mining=mining, soft_margin=soft)
-        got, g = jax.value_and_grad(lambda z: fn(z, yp, valid=valid))(xp)
-        np.testing.assert_allclose(got, fn(x, y), rtol=1e-10)
+        got, g = jax.jit(jax.value_and_grad(lambda z, fn=fn: fn(z, yp, valid=valid)))(xp)
+        np.testing.assert_allclose(got, jax.jit(fn)(x, y), rtol=1e-10)
         np.testing.assert_array_equal(g[8:], 0.0)
 
 
@@ -234,19 +236,21 @@ def test_padding_equals_unpadded(mining):
 
 
 @pytest.mark.parametrize("mining", MININGS)
-@pytest.mark.parametrize("name", list(degenerate_batches()))
-def test_degenerate_batches_finite(name, mining):
-    x, y = degenerate_batches()[name]
+def test_degenerate_batches_finite(mining):
     # hinge with margin 0 (euclidean); softplus with a margin (cosine) where it takes its own code path
     configs = [("euclidean", 0.0, False)]
     if mining in ("all", "semihard_triplets"):
         configs.append(("cosine", 0.2, True))
     for metric, margin, soft in configs:
-        value, _ = assert_finite_loss_and_grad(
-            triplet_margin_loss, x, y, margin=margin, mining=mining, metric=metric, soft_margin=soft
-        )
-        if name in ("single_class", "no_positives", "one_item"):
-            assert float(value) == 0.0  # no triplet exists
+        # one compiled loss + gradient per configuration, shared by the degenerate batches
+        fn = jax.jit(jax.value_and_grad(functools.partial(
+            triplet_margin_loss, margin=margin, mining=mining, metric=metric, soft_margin=soft)))
+        for name, (x, y) in degenerate_batches().items():
+            value, grad = fn(x, y)
+            assert np.isfinite(float(value)), (name, metric, float(value))
+            assert np.isfinite(np.asarray(grad)).all(), (name, metric)
+            if name in ("single_class", "no_positives", "one_item"):
+                assert float(value) == 0.0, (name, metric)  # no triplet exists
 
 
 @pytest.mark.parametrize(
@@ -391,7 +395,7 @@ def test_matches_pytorch_metric_learning():
     x, y = random_batch(15, batch=16, dim=4, classes=5)
     for case in CASES:
         fn, _ = case.dmljax(16, 4, 5)
-        value, grad = jax.value_and_grad(fn)(x, y)
+        value, grad = jax.jit(jax.value_and_grad(fn))(x, y)
         pml_fn, _ = case.pml(16, 4, 5)
         xt = torch.tensor(x, requires_grad=True)
         loss = pml_fn(xt, torch.tensor(y, dtype=torch.long))
