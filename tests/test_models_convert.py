@@ -100,7 +100,8 @@ def test_resnet_matches_torch_after_conversion(block, tblock, tmp_path):
     unused = load_torch_state_dict(model, load_state_dict_file(path))
     assert all(k.startswith("fc.") or k.endswith("num_batches_tracked") for k in unused)
     model.eval()
-    out = model(jnp.asarray(x.transpose(0, 2, 3, 1), dtype=jnp.float32))
+    # compiled forward: op-by-op eager dispatch of the ResNet cost more than one compilation
+    out = nnx.jit(lambda m, images: m(images))(model, jnp.asarray(x.transpose(0, 2, 3, 1), dtype=jnp.float32))
     np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-4, atol=1e-4)
 
 
@@ -113,7 +114,7 @@ def test_conversion_reports_missing_keys():
 def test_resnet_bf16_and_shapes():
     model = ResNet(block="basic", layers=(1, 1, 1, 1), width=4, small_input=True, in_channels=1,
                    dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-    out = model(jnp.zeros((2, 16, 16, 1)))
+    out = nnx.jit(lambda m, images: m(images))(model, jnp.zeros((2, 16, 16, 1)))
     assert out.shape == (2, 32) and out.dtype == jnp.float32 and model.feature_dim == 32
 
 
