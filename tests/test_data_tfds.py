@@ -5,10 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-tf = pytest.importorskip("tensorflow", reason="tensorflow (tensorflow-cpu) is needed for TFDS loading")
-tfds = pytest.importorskip("tensorflow_datasets")
+from dmljax.data import tfds as dml_tfds
 
-from dmljax.data import tfds as dml_tfds  # noqa: E402
+tf = tfds = None  # imported by the fixture below
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _tensorflow():
+    """Import TensorFlow when a test of this module runs, not at collection: every xdist worker
+    collects every module, and the import costs ~5 s of CPU in a worker that runs none of these."""
+    global tf, tfds
+    tf = pytest.importorskip("tensorflow", reason="tensorflow (tensorflow-cpu) is needed for TFDS loading")
+    tfds = pytest.importorskip("tensorflow_datasets")
 
 NUM_EXAMPLES = 24  # mock examples per TFDS split
 
