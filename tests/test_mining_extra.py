@@ -211,7 +211,8 @@ def test_uniform_histogram_is_uniform_within_a_bin():
     """One bin: every candidate is drawn with the same probability (chi-square style bound)."""
     _, _, d, pos, neg = _setup(8, batch=6)
     draws = 4000
-    out = extra.uniform_histogram_miner(jax.random.key(1), d, pos, neg, num_bins=1, pos_per_bin=draws, neg_per_bin=1)
+    out = jax.jit(functools.partial(extra.uniform_histogram_miner, num_bins=1, pos_per_bin=draws, neg_per_bin=1))(
+        jax.random.key(1), d, pos, neg)
     counts = np.asarray(out.positive_weights)[pos]
     expected = draws / pos.sum()
     assert counts.sum() == draws
@@ -259,9 +260,10 @@ def test_padded_rows_are_never_selected():
     valid = np.arange(B) < B - 3
     d = distances.euclidean(x)
     pos, neg = label_masks(labels, valid=valid)
-    outs = _all_miners(x, labels, d, pos, neg)
-    outs["angular"] = extra.angular_miner(x, labels, valid=valid)
-    outs["cluster"] = extra.hard_cluster_miner(x, labels, valid=valid)
+    outs = dict(_all_miners_jit(x, labels, d, pos, neg))
+    outs.update(jax.jit(lambda x, labels, valid: {  # compiled: eager dispatch cost seconds here
+        "angular": extra.angular_miner(x, labels, valid=valid),
+        "cluster": extra.hard_cluster_miner(x, labels, valid=valid)})(x, labels, valid))
     for name, out in outs.items():
         for w in out[:2]:
             w = np.asarray(w)
