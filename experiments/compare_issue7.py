@@ -175,8 +175,8 @@ def markdown(result: dict) -> str:
 CAVEATS = (
     "300 steps is a short budget (the full protocol trains 3000 steps on 964 characters, R@1 ~0.87 plain); "
     "the methods' default options were not tuned for it, so this ranks the methods at a small, equal budget only.",
-    "With 1 seed the differences carry no error bar; Omniglot R@1 differences of ~0.01 between seeds "
-    "of the same config are typical at this budget (see issue8_comparison.md), so smaller gaps are noise.",
+    "Few seeds: Omniglot R@1 differences of ~0.01 between seeds of the same config are typical at this "
+    "budget (see issue8_comparison.md), so gaps of that size are noise.",
     "The lifted-structured hard-negative importance sampling (`dmljax.methods.lifted_sampling`) is not a "
     "trainer flag, so it is not in the table.",
     "Wall times are taken on a 2-core machine shared with other engineers (load average above), so they "
