@@ -111,6 +111,19 @@ def test_repeated_composition():
     assert sorted(seen) == sorted(set(labels.tolist()))
 
 
+def test_repeated_composition_past_one_epoch():
+    # regression: the class order of a block used the repeated step count as blocks per epoch,
+    # so the second half of every epoch drew empty class chunks
+    labels = _labels(num_classes=8, per_class=6)
+    sampler = RepeatedCompositionSampler(labels, classes_per_batch=2, samples_per_class=3, repeat=3, seed=0)
+    for epoch in range(3):
+        start = epoch * sampler.steps_per_epoch
+        blocks = [sampler.batch_indices(s) for s in range(start, start + sampler.steps_per_epoch, 3)]
+        assert all(len(b) == 6 for b in blocks)
+        seen = sorted(c for b in blocks for c in set(labels[b].tolist()))
+        assert seen == sorted(set(labels.tolist()))
+
+
 def test_repeated_composition_representatives():
     labels = _labels(num_classes=6, per_class=10)
     sampler = RepeatedCompositionSampler(

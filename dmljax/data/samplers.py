@@ -125,7 +125,9 @@ class MPerClassSampler:
         return self._classes_of_block(_check_step(step))
 
     def _classes_of_block(self, block: int) -> np.ndarray:
-        epoch, position = divmod(block, self.steps_per_epoch)
+        # blocks (distinct class sets) per epoch: MPerClassSampler's steps_per_epoch, not a
+        # subclass's (RepeatedCompositionSampler's counts each block `repeat` times)
+        epoch, position = divmod(block, MPerClassSampler.steps_per_epoch.fget(self))
         order = _rng(self.seed, _CLASS_ORDER, epoch).permutation(len(self.classes))
         return order[position * self.classes_per_batch:(position + 1) * self.classes_per_batch]
 
