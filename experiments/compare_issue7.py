@@ -39,6 +39,8 @@ from typing import Callable
 
 import numpy as np
 
+from experiments.bench.common import load_average
+
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 # (variant name, --set overrides, description)
@@ -55,13 +57,6 @@ VARIANTS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("bspml_noise0.2", ("method.name=bspml", "data.label_noise=0.2"), "BSPML, 20% noisy labels"),
 )
 METRICS = ("recall@1", "map_at_r", "one_shot_error")
-
-
-def _load() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
 
 
 def run_sets(seed: int, steps: int) -> list[str]:
@@ -117,7 +112,8 @@ def seed_text(runs: list[dict]) -> str:
     return text
 
 
-def _fmt(stat: dict | None, pct: bool = False) -> str:
+def format_stat(stat: dict | None, pct: bool = False) -> str:
+    """"mean ± std" of a summary entry (percent with ``pct``), "n/a" when missing."""
     if stat is None:
         return "n/a"
     s = 100.0 if pct else 1.0
@@ -157,8 +153,8 @@ def markdown(result: dict) -> str:
         if variant == "bspml_noise0.2":
             delta += f" ({paired_delta(result['runs'], variant, 'baseline_noise0.2')} vs noisy baseline)"
         wall = s.get("wall_seconds")
-        lines.append(f"| {variant} | {what} | {_fmt(r1)} | {delta} | {_fmt(s.get('map_at_r'))} | "
-                     f"{_fmt(s.get('one_shot_error'), pct=True)} | {wall['mean']:.0f} | {len(s['seeds'])} |")
+        lines.append(f"| {variant} | {what} | {format_stat(r1)} | {delta} | {format_stat(s.get('map_at_r'))} | "
+                     f"{format_stat(s.get('one_shot_error'), pct=True)} | {wall['mean']:.0f} | {len(s['seeds'])} |")
     lines += ["", "Per run (variant, seed: R@1 / MAP@R / one-shot error / wall s):", ""]
     for r in result["runs"]:
         lines.append(f"- {r['variant']}, seed {r['seed']}: {r['recall@1']:.4f} / {r['map_at_r']:.4f} / "
@@ -213,7 +209,7 @@ def main(argv=None, runner: Callable[[list[str]], dict] | None = None) -> dict:
         deadline = now.replace(hour=hh, minute=mm, second=0, microsecond=0).timestamp()
     runner = runner or _default_runner
     t0 = time.perf_counter()
-    load_start = _load()
+    load_start = load_average()
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
@@ -240,7 +236,7 @@ def main(argv=None, runner: Callable[[list[str]], dict] | None = None) -> dict:
             "num_runs": len(runs), "steps": args.steps, "metrics": list(METRICS),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
-                       f"{_backend()}", "load_start": load_start, "load_end": _load(),
+                       f"{_backend()}", "load_start": load_start, "load_end": load_average(),
             "wall_seconds": time.perf_counter() - t0, "stopped": stopped,
             "previous_invocations": previous,
             "caveats": list(CAVEATS) + ([f"Stopped early: {stopped}."] if stopped else [])}}
@@ -271,7 +267,7 @@ def main(argv=None, runner: Callable[[list[str]], dict] | None = None) -> dict:
                 write()
                 continue
             record = {"variant": variant, "seed": seed, "steps": args.steps,
-                      "wall_seconds": time.perf_counter() - t_run, "load": _load()}
+                      "wall_seconds": time.perf_counter() - t_run, "load": load_average()}
             for k in METRICS + ("train_seconds",):
                 record[k] = float(final[k]) if k in final else None
             runs.append(record)

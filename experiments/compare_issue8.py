@@ -56,6 +56,8 @@ from typing import Callable
 import jax
 import numpy as np
 
+from experiments.bench.common import load_average
+from experiments.compare_issue7 import format_stat
 from experiments.configs import get_config
 from experiments.rerank import rerank_report
 from experiments.synthetic import run as run_synthetic
@@ -64,13 +66,6 @@ RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 MULTILABEL_KEYS = ("precision@1", "precision@10", "map@10", "ndcg@10", "positive_pair_fraction", "train_seconds")
 CROSS_MODAL_KEYS = ("recall@1", "recall@5", "map_at_r", "map_at_all", "train_seconds")
-
-
-def _load() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
 
 
 def _summary(runs: list[dict]) -> dict:
@@ -326,13 +321,6 @@ def summarize_methods(runs: list[dict]) -> dict:
     return out
 
 
-def _fmt_opt(stat: dict | None, pct: bool = False) -> str:
-    if stat is None:
-        return "n/a"
-    s = 100.0 if pct else 1.0
-    return f"{s * stat['mean']:.{2 if pct else 4}f} ± {s * stat['std']:.{2 if pct else 4}f}"
-
-
 def markdown_methods(section: dict) -> str:
     """Section 4 of the md (its own command line, commit, seeds, load)."""
     m, summary = section["meta"], section["summary"]
@@ -369,15 +357,15 @@ def markdown_methods(section: dict) -> str:
             delta += f", {r1[variant] - r1['contrastive']:+.4f} (contrastive)"
         params = m.get("params", {}).get(variant)
         lines.append(f"| {group} | {variant} | {what} | {params if params is not None else ''} | "
-                     f"{_fmt_opt(s.get('recall@1'))} | {delta} | {_fmt_opt(s.get('map_at_r'))} | "
-                     f"{_fmt_opt(s.get('one_shot_error'), pct=True)} | {s['wall_seconds']['mean']:.0f} | "
+                     f"{format_stat(s.get('recall@1'))} | {delta} | {format_stat(s.get('map_at_r'))} | "
+                     f"{format_stat(s.get('one_shot_error'), pct=True)} | {s['wall_seconds']['mean']:.0f} | "
                      f"{len(s['seeds'])} |")
     weights = {k: v for k, v in summary.get("ensemble_ms_contrastive", {}).items() if k.startswith("loss_weight/")}
     if weights:
         lines += ["", "Learned ensemble weights at the end (`loss_weight/<i>_<component>`, "
                       "`dmljax.losses.ensemble`, method uncertainty: 0.5 exp(-s_i), "
                       "0.5 at the start): "
-                  + ", ".join(f"{k.removeprefix('loss_weight/')} {_fmt_opt(v)}" for k, v in weights.items()) + "."]
+                  + ", ".join(f"{k.removeprefix('loss_weight/')} {format_stat(v)}" for k, v in weights.items()) + "."]
     lines += ["", "Per run (variant, seed: R@1 / MAP@R / one-shot error / wall s):", ""]
     for r in section["runs"]:
         ose = "n/a" if r.get("one_shot_error") is None else f"{100 * r['one_shot_error']:.2f}%"
@@ -411,7 +399,7 @@ def methods_comparison(args, argv, runner: Callable[[list[str]], dict], commit: 
         hh, mm = (int(x) for x in args.stop_at.split(":"))
         now = datetime.datetime.now(datetime.timezone.utc)
         deadline = now.replace(hour=hh, minute=mm, second=0, microsecond=0).timestamp()
-    t0, load_start = time.perf_counter(), _load()
+    t0, load_start = time.perf_counter(), load_average()
     runs: list[dict] = []
     params: dict[str, int] = {}
 
@@ -421,7 +409,7 @@ def methods_comparison(args, argv, runner: Callable[[list[str]], dict], commit: 
             "seeds_requested": list(args.seeds), "steps": args.omniglot_steps, "variants": variants,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, jax {jax.__version__} on "
-                       f"{jax.default_backend()}", "load_start": load_start, "load_end": _load(),
+                       f"{jax.default_backend()}", "load_start": load_start, "load_end": load_average(),
             "wall_seconds": time.perf_counter() - t0, "stopped": stopped, "params": params,
             "caveats": list(OMNIGLOT_CAVEATS) + ([f"Stopped early: {stopped}."] if stopped else [])}}
         result = {}
@@ -457,7 +445,7 @@ def methods_comparison(args, argv, runner: Callable[[list[str]], dict], commit: 
                 final = runner(run_argv)
             record = {"variant": variant, "seed": seed, "steps": args.omniglot_steps, "reused": reused,
                       "wall_seconds": float(final.get("total_seconds", 0.0)) if reused else time.perf_counter() - t_run,
-                      "load": None if reused else _load(), "argv": run_argv}  # a reused run's load is unknown
+                      "load": None if reused else load_average(), "argv": run_argv}  # a reused run's load is unknown
             for k in OMNIGLOT_METRICS + ("train_seconds",):
                 record[k] = float(final[k]) if k in final else None
             record.update({k: float(v) for k, v in final.items() if k.startswith("loss_weight/")})
@@ -499,7 +487,7 @@ def main(argv=None, runner: Callable[[list[str]], dict] | None = None) -> dict:
     if args.workroot is None:
         args.workroot = "runs/issue8_methods" if args.part == "omniglot_methods" else "runs/issue8"
     t0 = time.perf_counter()
-    load_start = _load()
+    load_start = load_average()
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
@@ -519,7 +507,7 @@ def main(argv=None, runner: Callable[[list[str]], dict] | None = None) -> dict:
         "argv": list(argv) if argv is not None else [], "commit": commit, "seeds": args.seeds,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, jax {jax.__version__} on {jax.default_backend()}",
-        "load_start": load_start, "load_end": _load(), "wall_seconds": time.perf_counter() - t0,
+        "load_start": load_start, "load_end": load_average(), "wall_seconds": time.perf_counter() - t0,
         "omniglot_steps": args.omniglot_steps, "rerank_options": rerank_options,
     }
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
