@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from dmljax._validation import check_choice, check_embeddings, check_labels, check_scalar, check_valid
 from dmljax.distances import METRICS, is_similarity, l2_normalize, pairwise, safe_sqrt
+from dmljax.losses.triplet import _reduce
 
 __all__ = ["CENTROID_REDUCTIONS", "centroid_triplet_loss"]
 
@@ -126,13 +127,5 @@ def centroid_triplet_loss(
     link = jax.nn.softplus if soft_margin else jax.nn.relu
     values = jnp.where(negative, link(jnp.where(negative, z, 0.0)), 0.0)
 
-    per_query = jnp.sum(values, axis=1)
-    if reduction == "none":
-        return per_query
-    total = jnp.sum(per_query)
-    if reduction == "sum":
-        return total
-    if reduction == "mean":
-        return total / jnp.maximum(jnp.sum(negative, dtype=x.dtype), 1.0)
-    active = jax.lax.stop_gradient(jnp.sum(negative & (values > 0), dtype=x.dtype))
-    return total / jnp.maximum(active, 1.0)
+    return _reduce(jnp.sum(values, axis=1), jnp.sum(negative, axis=1, dtype=x.dtype),
+                   jnp.sum(negative & (values > 0), axis=1, dtype=x.dtype), reduction)
