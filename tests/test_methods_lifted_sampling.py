@@ -44,3 +44,19 @@ def test_bad_input():
         lifted_hard_negative_batch(jax.random.key(0), x, y, num_pairs=1, negatives_per_pair=7)
     with pytest.raises(ValueError, match="^labels"):
         lifted_hard_negative_batch(jax.random.key(0), x, y[:3], num_pairs=1, negatives_per_pair=1)
+
+
+def test_valid_mask_and_large_pool_without_pool_squared_memory():
+    """Padding items are never drawn; an item whose only class partner is padding is no anchor
+    (the O(N log N) has_positive of the sorted labels, checked against a loop over pairs)."""
+    x, _ = random_batch(1, batch=12, dim=3)
+    y = np.array([0, 0, 1, 1, 2, 2, 3, 3, 4, 5, 6, 6], np.int32)
+    valid = np.ones(12, bool)
+    valid[[1, 2, 11]] = False  # classes 0, 1, 6 lose their partner
+    has_pos = [valid[i] and any(valid[j] and y[j] == y[i] for j in range(12) if j != i) for i in range(12)]
+    f = jax.jit(functools.partial(lifted_hard_negative_batch, num_pairs=40, negatives_per_pair=3))
+    idx, ok = f(jax.random.key(3), x, y, valid=valid)
+    idx = np.asarray(idx).reshape(40, 5)
+    assert np.all(ok)
+    assert set(idx[:, 0]) == {i for i in range(12) if has_pos[i]}  # 40 draws hit both classes 2 and 3
+    assert np.all(valid[idx]) and np.all(y[idx[:, 0]] == y[idx[:, 1]]) and np.all(idx[:, 0] != idx[:, 1])

@@ -10,7 +10,10 @@ mini-batch" (the importance sampling of hard negatives that the smooth upper bou
 epoch's embeddings of the training set or a large candidate set: ``num_pairs`` random positive
 pairs, and for each pair the ``negatives_per_pair`` pool items of other classes closest to
 either end of the pair. It returns pool indices of a static-length batch for the data loader.
-Memory O(num_pairs * N).
+Memory O(num_pairs * N), time O(num_pairs * N * D + N log N) (no N x N matrix, so the pool can be
+a large part of the training set). The trainer flag ``sampler.name=lifted_hard_negative``
+(`dmljax.train.lifted_pool.LiftedHardNegativeSampler`) keeps such a pool of stale embeddings in the
+checkpointed train state and draws every batch with this function.
 """
 
 from __future__ import annotations
@@ -48,14 +51,19 @@ def lifted_hard_negative_batch(key: jax.Array, embeddings: jax.Array, labels: ja
     if k > n:
         raise ValueError(f"negatives_per_pair must be <= the pool size {n}, got {k}")
     valid = jnp.ones((n,), bool) if valid is None else check_valid(valid, batch_size=n)
-    same = (y[:, None] == y[None, :]) & valid[:, None] & valid[None, :]
-    positive = same & ~jnp.eye(n, dtype=bool)
-    has_positive = jnp.any(positive, axis=1)
+    # has_positive without an N x N mask: sort by (valid first, label); a valid item has a valid
+    # same-class partner iff a sorted neighbour is valid with its label. O(N log N).
+    order = jnp.lexsort((y, ~valid))
+    ys, vs = y[order], valid[order]
+    dup = (ys[1:] == ys[:-1]) & vs[1:] & vs[:-1]
+    none = jnp.zeros((1,), bool)
+    has_positive = jnp.zeros((n,), bool).at[order].set(jnp.concatenate([none, dup]) | jnp.concatenate([dup, none]))
     k_anchor, k_pos = jax.random.split(key)
     anchor_logits = jnp.where(has_positive, 0.0, -jnp.inf)
     anchors = jax.random.categorical(k_anchor, anchor_logits, shape=(p,)).astype(jnp.int32)
     any_pair = jnp.any(has_positive)
-    positives, _ = _random_member(k_pos, positive[anchors])
+    positive = (y[None, :] == y[anchors][:, None]) & valid[None, :] & (jnp.arange(n)[None, :] != anchors[:, None])
+    positives, _ = _random_member(k_pos, positive)  # [P, N] masks only
     d = squared_euclidean(x[jnp.concatenate([anchors, positives])], x)  # [2P, N]
     d_pair = jnp.minimum(d[:p], d[p:])
     negative = (y[None, :] != y[anchors][:, None]) & valid[None, :]
