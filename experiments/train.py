@@ -40,6 +40,18 @@ Trainer flags (all ``--set key=value``; values are Python literals):
   a before-step callback of the loop) and passes the batch's cluster ids to the method.
 * ``data.label_noise=0.2`` (``data.label_noise_kind`` symmetric | pairflip): corrupt that
   fraction of the training labels (`dmljax.methods.label_noise`), e.g. for ``bspml``.
+* ``sampler.name=lifted_hard_negative`` (default ``m_per_class``): the hard-negative batches of
+  the lifted structured embedding (Oh Song et al. 2016, Sec. 4;
+  `dmljax.train.lifted_pool.LiftedHardNegativeSampler`, a before-step hook + sampler): every
+  ``sampler.options.refresh_every`` steps (default one epoch; first at that step, not at step 0)
+  ``pool_size`` random training images (default 4096, capped at the training-set size) are
+  embedded with the current model; each batch is ``num_pairs`` random positive pairs of the pool,
+  each followed by its ``negatives_per_pair`` nearest other-class pool items
+  (``num_pairs * (2 + negatives_per_pair)`` must equal ``classes_per_batch * samples_per_class``;
+  default 16 x (2 + 6) for 128). Before the first refresh, and for slots the pool cannot fill, the
+  class-balanced batch. The pool lives in the checkpointed ``loss_state["lifted_pool"]`` (so the
+  step runs the stateful-objective path), so ``--resume`` replays the same batches. Combines with
+  any loss / method / memory except ``alternating_projection``.
 * ``memory.size=N`` (``memory.start_step``): cross-batch memory (XBM) of N embeddings for a pair
   loss (`build_memory_loss`).
 * ``distill.teacher=<workdir> distill.weight=1.0`` (``distance_weight``, ``angle_weight``):
@@ -646,10 +658,14 @@ def build_objective(config, *, num_classes: int, num_train: int, dim: int, batch
         raise ValueError(f"method.options {sorted(options)} given without a method.name")
     if int(mem.size) > 0 and m.name != "none":
         raise ValueError("memory.size > 0 (XBM) combines with method.name='none' only")
-    if m.name == "none" and int(mem.size) <= 0 and not distill and spec.plain is not None:
+    lifted = lifted_sampler_options(config, num_train=num_train, steps_per_epoch=steps_per_epoch)
+    if m.name == "none" and int(mem.size) <= 0 and not distill and spec.plain is not None and lifted is None:
         return Objective(spec.plain, None, spec.params, None, spec)
 
     obj = Objective(None, None, {"base": spec.params}, {"base": spec.state}, spec, m.name)
+    if lifted is not None:  # the sampler's pool rides in the checkpointed loss_state (method_fn keeps it)
+        from dmljax.train.lifted_pool import POOL_KEY, init_lifted_pool
+        obj.loss_state[POOL_KEY] = init_lifted_pool(lifted["pool_size"], dim)
     method = None
     memory_loss = None
     if m.name != "none":
@@ -890,6 +906,80 @@ def build_sampler(config, labels):
                             samples_per_class=s.samples_per_class, seed=config.seed)
 
 
+SAMPLERS = ("m_per_class", "lifted_hard_negative")
+_LIFTED_OPTIONS = ("num_pairs", "negatives_per_pair", "pool_size", "refresh_every")
+
+
+def lifted_sampler_options(config, *, num_train: int, steps_per_epoch: int) -> dict | None:
+    """``sampler.name=lifted_hard_negative``: its resolved options (None for ``m_per_class``).
+
+    ``sampler.options``: ``num_pairs`` (P) and ``negatives_per_pair`` (K) with P (2 + K) = the
+    configured batch size ``classes_per_batch * samples_per_class`` (B); given one, the other
+    follows; given neither, K = the largest of 6, 5, ..., 1 with (2 + K) | B (B = 128: 16 pairs x
+    6 negatives). ``pool_size`` (default 4096, capped at the training-set size), ``refresh_every``
+    (default one epoch of the class-balanced sampler). ValueError naming the option otherwise."""
+    s = _section(config, "sampler", name="m_per_class", options={})
+    check_choice(s.name, name="sampler.name", choices=SAMPLERS)
+    opts = dict(s.options or {})
+    if s.name == "m_per_class":
+        if opts:
+            raise ValueError(f"sampler.options {sorted(opts)} given without sampler.name='lifted_hard_negative'")
+        return None
+    unknown = sorted(set(opts) - set(_LIFTED_OPTIONS))
+    if unknown:
+        raise ValueError(f"sampler.options: {unknown} are not options of lifted_hard_negative "
+                         f"(options: {list(_LIFTED_OPTIONS)})")
+    m = _section(config, "method", name="none", options={})
+    if m.name == "alternating_projection":
+        raise ValueError("sampler.name='lifted_hard_negative' cannot be combined with "
+                         "method.name='alternating_projection' (which fixes its own batch composition)")
+
+    def positive(name, default=None):
+        v = opts.get(name, default)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"sampler.options.{name} must be a positive integer, got {v!r}")
+        return v
+
+    batch = int(config.sampler.classes_per_batch) * int(config.sampler.samples_per_class)
+    pairs, negs = positive("num_pairs"), positive("negatives_per_pair")
+    if pairs is None and negs is None:
+        negs = next((k for k in range(6, 0, -1) if batch % (2 + k) == 0), None)
+        if negs is None:
+            raise ValueError(f"sampler.options.num_pairs / negatives_per_pair: no default for the batch size "
+                             f"{batch}; set them with num_pairs * (2 + negatives_per_pair) == {batch}")
+    if pairs is None:
+        if batch % (2 + negs):
+            raise ValueError(f"sampler.options.negatives_per_pair: 2 + {negs} does not divide the batch size {batch} "
+                             "(classes_per_batch * samples_per_class)")
+        pairs = batch // (2 + negs)
+    if negs is None:
+        if batch % pairs or batch // pairs < 3:
+            raise ValueError(f"sampler.options.num_pairs: {pairs} pairs of 2 + negatives_per_pair >= 3 items "
+                             f"do not fill the batch size {batch}")
+        negs = batch // pairs - 2
+    if pairs * (2 + negs) != batch:
+        raise ValueError(f"sampler.options.num_pairs * (2 + negatives_per_pair) = {pairs * (2 + negs)} must equal "
+                         f"the batch size classes_per_batch * samples_per_class = {batch}")
+    pool = min(positive("pool_size", 4096), int(num_train))
+    if negs > pool:
+        raise ValueError(f"sampler.options.negatives_per_pair must be <= the pool size {pool}, got {negs}")
+    refresh = positive("refresh_every", max(int(steps_per_epoch), 1))
+    return {"num_pairs": pairs, "negatives_per_pair": negs, "pool_size": pool, "refresh_every": refresh}
+
+
+def build_lifted_sampler(config, base_sampler, images, labels, *, key, embed_fn=None, log=None):
+    """`dmljax.train.lifted_pool.LiftedHardNegativeSampler` of ``sampler.name=lifted_hard_negative``
+    around ``base_sampler`` (pair key ``fold_in(key, 0x11F7)``), or None for the plain sampler."""
+    opts = lifted_sampler_options(config, num_train=len(labels), steps_per_epoch=base_sampler.steps_per_epoch)
+    if opts is None:
+        return None
+    from dmljax.train.lifted_pool import LiftedHardNegativeSampler
+    return LiftedHardNegativeSampler(images, labels, base_sampler=base_sampler, seed=int(config.seed),
+                                     key=jax.random.fold_in(key, 0x11F7), embed_fn=embed_fn, log=log, **opts)
+
+
 def _output_dim(config) -> int:
     return int(config.model.embedding_dim)
 
@@ -1038,13 +1128,24 @@ def main(argv=None) -> dict[str, float]:
                    "label_noise_fraction": noise_fraction}, f, indent=1)
 
     hooks = {}
+    before = []
+    lifted = build_lifted_sampler(
+        config, sampler, images, labels, key=key, embed_fn=lambda s, x: embed(s, x, batch_size=512),
+        log=lambda step, size: print(f"[step {step}] lifted hard-negative pool: {size} items re-embedded",
+                                     flush=True))
+    if lifted is not None:
+        sampler = lifted
+        before.append(lifted.before_step)
     if objective.method == "divide_conquer":
         recluster = KMeansReclustering(
             images, num_clusters=objective.num_learners, every=objective.recluster_every,
             key=jax.random.fold_in(key, 0xC1), embed_fn=lambda s, x: embed(s, x, batch_size=512),
             log=lambda step, sizes: print(f"[step {step}] k-means re-clustering: cluster sizes {sizes.tolist()}",
                                           flush=True))
-        hooks = {"before_step": recluster.before_step, "batch_extras": recluster.batch_extras}
+        before.append(recluster.before_step)
+        hooks["batch_extras"] = recluster.batch_extras
+    if before:
+        hooks["before_step"] = functools.reduce(lambda f, g: (lambda st: g(f(st))), before)
     callbacks = [LossWeightLog(objective), log] if objective.spec.name == "ensemble" else [log]
     state, _ = fit(state, images=images, labels=labels, sampler=sampler, num_steps=o.num_steps, key=k_train,
                    step_fn=step_fn, checkpointer=checkpointer, resume=args.resume,

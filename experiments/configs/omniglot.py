@@ -95,6 +95,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.sampler = ml_collections.ConfigDict()
     c.sampler.classes_per_batch = 16
     c.sampler.samples_per_class = 8
+    c.sampler.name = "m_per_class"  # or "lifted_hard_negative" (Oh Song 2016 Sec. 4; README trainer flags)
+    c.sampler.options = ml_collections.ConfigDict()  # lifted: num_pairs, negatives_per_pair, pool_size, refresh_every
 
     c.augment = ml_collections.ConfigDict()
     c.augment.enabled = True
