@@ -11,7 +11,7 @@ space, batch construction, and denoising of labels.
 | alternating projections onto feasible sets | `alternating_projection.alternating_projection_regularizer`, `projection_targets`, `representative_mask` (+ `dmljax.data.samplers.RepeatedCompositionSampler`) | Can et al., ICIP 2021 (arXiv 1907.07585) | `method.name="alternating_projection"` |
 | BSPML, balanced self-paced metric learning | `bspml.bspml_sample_weights`, `weighted_multi_similarity_loss`, `self_paced_age` | Zhang et al., AAAI 2023 (arXiv 2211.11751) | `method.name="bspml"` |
 | label-noise injection (experiments) | `label_noise.inject_label_noise` | symmetric / pair-flip noise (Han et al., NeurIPS 2018) | `data.label_noise`, `data.label_noise_kind` |
-| lifted-structured hard-negative batches | `lifted_sampling.lifted_hard_negative_batch` | Oh Song et al., CVPR 2016 (arXiv 1511.06452), Sec. 4 | `method.name="lifted_sampling"` |
+| lifted-structured hard-negative batches | `lifted_sampling.lifted_hard_negative_batch` | Oh Song et al., CVPR 2016 (arXiv 1511.06452), Sec. 4 | `sampler.name="lifted_hard_negative"` (`dmljax.train.lifted_pool.LiftedHardNegativeSampler`: a batch sampler, not a `plugin` method) |
 
 Trainer integration: `plugin.make_method(name, base_loss, num_classes=..., dim=..., total_steps=...,
 **options)` returns ``Method(init, loss)``: every method as ONE scalar objective (adversarial
