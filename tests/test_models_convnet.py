@@ -130,3 +130,37 @@ def test_bad_inputs():
         EmbeddingHead(8, 4, norm="group", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="^embedding_dim"):
         EmbeddingHead(8, 0, rngs=nnx.Rngs(0))
+
+
+def _numpy_max_pool_2x2(x):
+    """Plain loop: out[n, i, j, c] = max of the 2x2 window at (2i, 2j); odd tails dropped."""
+    n, h, w, c = x.shape
+    out = np.empty((n, h // 2, w // 2, c), x.dtype)
+    for i in range(h // 2):
+        for j in range(w // 2):
+            out[:, i, j] = x[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2].max(axis=(1, 2))
+    return out
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 6, 3), (3, 7, 7, 2), (1, 3, 5, 1)])
+def test_max_pool_2x2_matches_a_loop_and_the_reduce_window_pool(shape):
+    from dmljax.models.convnet import max_pool_2x2
+
+    x = np.random.default_rng(0).normal(size=shape)
+    np.testing.assert_array_equal(np.asarray(max_pool_2x2(jnp.asarray(x))), _numpy_max_pool_2x2(x))
+    reference = lambda v: nnx.max_pool(v, (2, 2), strides=(2, 2))
+    np.testing.assert_array_equal(np.asarray(max_pool_2x2(jnp.asarray(x))), np.asarray(reference(jnp.asarray(x))))
+    # without ties the gradient goes to the window's maximum, as the reduce-window pool's does
+    dy = np.random.default_rng(1).normal(size=_numpy_max_pool_2x2(x).shape)
+    expected = np.zeros_like(x)
+    for i in range(shape[1] // 2):
+        for j in range(shape[2] // 2):
+            window = x[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2].reshape(shape[0], 4, shape[3])
+            arg = window.argmax(axis=1)
+            for n in range(shape[0]):
+                for ch in range(shape[3]):
+                    expected[n, 2 * i + arg[n, ch] // 2, 2 * j + arg[n, ch] % 2, ch] = dy[n, i, j, ch]
+    grad = jax.vjp(max_pool_2x2, jnp.asarray(x))[1](jnp.asarray(dy))[0]
+    np.testing.assert_allclose(np.asarray(grad), expected, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(jax.vjp(reference, jnp.asarray(x))[1](jnp.asarray(dy))[0]),
+                               rtol=1e-12, atol=0)

@@ -62,8 +62,10 @@ class Checkpointer:
             return
         self.latest.save(step, args=ocp.args.StandardSave(self._leaves(state)), force=force)
 
-    def maybe_save(self, state: TrainState) -> None:
-        if int(state.step) % self.save_every == 0:
+    def maybe_save(self, state: TrainState, *, step: int | None = None) -> None:
+        """Save if the step is a multiple of ``save_every`` (``step``: the host's copy of
+        ``state.step``, which spares a device sync)."""
+        if (int(state.step) if step is None else step) % self.save_every == 0:
             self.save(state)
 
     def save_best(self, state: TrainState, metrics: dict[str, float]) -> None:

@@ -130,16 +130,21 @@ def fit(
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=num_steps, initial=int(state.step), dynamic_ncols=True, mininterval=1.0)
-    t_last, n_last = time.perf_counter(), int(state.step)
-    while int(state.step) < num_steps:
+    # host copies of the two counters: reading them from the device state every step would block
+    # until the previous step finished, so host work (sampling, copying the batch, dispatch) could
+    # not overlap device compute; a before_step hook may rewrite the state, so re-read after it.
+    step, sampler_step = int(state.step), int(state.sampler_step)
+    t_last, n_last = time.perf_counter(), step
+    while step < num_steps:
         if before_step is not None:
             state = before_step(state)
-        idx = sampler.batch_indices(int(state.sampler_step))
+            step, sampler_step = int(state.step), int(state.sampler_step)
+        idx = sampler.batch_indices(sampler_step)
         batch = {"images": images[idx], "labels": labels[idx].astype(np.int32)}
         if batch_extras is not None:
             batch.update(batch_extras(state, idx))
-        state, metrics = step_fn(state, batch, jax.random.fold_in(key, int(state.step)))
-        step = int(state.step)
+        state, metrics = step_fn(state, batch, jax.random.fold_in(key, step))
+        step, sampler_step = step + 1, sampler_step + 1
         record = {"step": step}
         if step % log_every == 0 or step == num_steps:
             record.update({k: float(v) for k, v in metrics.items()})
@@ -161,7 +166,7 @@ def fit(
             if step == num_steps:
                 checkpointer.save(state)
             else:
-                checkpointer.maybe_save(state)
+                checkpointer.maybe_save(state, step=step)
         if len(record) > 1:
             records.append(record)
         if bar is not None:
