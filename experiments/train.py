@@ -243,7 +243,9 @@ def build_model(config, key: int):
         return build_source_model(config, rngs=nnx.Rngs(key))
     rngs = nnx.Rngs(key)
     backbone = ConvNet(1, tuple(config.model.channels), num_pools=config.model.num_pools,
-                       pooling=config.model.pooling, input_size=config.data.image_size, rngs=rngs)
+                       pooling=config.model.pooling,
+                       pool_padding=config.model.get("pool_padding", "VALID"), input_size=config.data.image_size,
+                       rngs=rngs)
     head = EmbeddingHead(backbone.features, config.model.embedding_dim,
                          norm=config.model.head_norm or None, rngs=rngs)
     return EmbeddingModel(backbone, head)
@@ -735,7 +737,9 @@ def build_augment(config):
     from dmljax.data.augment import AugmentConfig
     aug = AugmentConfig(size=(config.data.image_size,) * 2, rotation=config.augment.rotation,
                         shear=config.augment.shear, translation=config.augment.translation,
-                        zoom=tuple(config.augment.zoom))
+                        zoom=tuple(config.augment.zoom),
+                        elastic_alpha=float(config.augment.get("elastic_alpha", 0.0)),
+                        elastic_sigma=float(config.augment.get("elastic_sigma", 4.0)))
     return functools.partial(_augment, config=aug)
 
 

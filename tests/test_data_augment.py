@@ -130,6 +130,61 @@ def test_random_affine():
     assert np.abs(moved[0] - moved[1]).max() > 1e-3
 
 
+def test_affine_transform_with_a_displacement_field():
+    images = _images(h=7, w=7)
+    identity = np.array([[1.0, 0, 0], [0, 1.0, 0]])
+    # a constant displacement of +1 row is the one-row shift of the matrix form
+    down = np.zeros((images.shape[0], 2, 7, 7))
+    down[:, 0] = 1.0
+    shift = np.array([[1.0, 0, 1.0], [0, 1.0, 0]])
+    np.testing.assert_allclose(np.asarray(A.affine_transform(images, identity, displacement=down, fill=0.5)),
+                               np.asarray(A.affine_transform(images, shift, fill=0.5)), atol=1e-12)
+    # per-pixel: displacing only pixel (2, 3) by +1 column reads its right neighbour there
+    one = np.zeros((images.shape[0], 2, 7, 7))
+    one[:, 1, 2, 3] = 1.0
+    expected = images.copy()
+    expected[:, 2, 3] = images[:, 2, 4]
+    np.testing.assert_allclose(np.asarray(A.affine_transform(images, identity, displacement=one)), expected,
+                               atol=1e-12)
+
+
+def test_gaussian_smooth_matches_scipy():
+    from scipy import ndimage
+
+    fields = np.random.default_rng(0).uniform(-1, 1, (3, 12, 9))
+    for sigma in (0.7, 2.0, 4.0):
+        expected = np.stack([ndimage.gaussian_filter(f, sigma, mode="constant", truncate=3.0) for f in fields])
+        np.testing.assert_allclose(np.asarray(A.gaussian_smooth(fields, sigma=sigma)), expected, atol=1e-12)
+
+
+def test_elastic_displacement_scale_smoothness_and_keys():
+    make = jax.jit(functools.partial(A.elastic_displacement, batch=64, height=28, width=28, sigma=4.0,
+                                     dtype=jnp.float64), static_argnames="alpha")
+    unit = np.asarray(make(KEY, alpha=1.0))
+    assert unit.shape == (64, 2, 28, 28)
+    np.testing.assert_allclose(np.asarray(make(KEY, alpha=34.0)), 34.0 * unit, rtol=1e-12)
+    assert np.abs(unit.mean()) < 0.01
+    # smooth: neighbouring offsets are strongly correlated (independent pixels would give ~0)
+    inner = unit[:, :, 8:20, 8:20]
+    corr = np.corrcoef(inner[..., :-1].ravel(), inner[..., 1:].ravel())[0, 1]
+    assert corr > 0.9
+    assert np.abs(np.asarray(make(jax.random.PRNGKey(1), alpha=1.0)) - unit).max() > 1e-3
+    np.testing.assert_array_equal(np.asarray(make(KEY, alpha=0.0)), 0.0)
+
+
+def test_random_affine_elastic_option():
+    images = _images(b=4, h=16, w=16, c=1)
+    affine = lambda **kw: np.asarray(jax.jit(functools.partial(A.random_affine, **kw))(KEY, images))
+    plain = affine(rotation=5.0)
+    np.testing.assert_allclose(affine(rotation=5.0, elastic_alpha=0.0), plain, atol=1e-12)
+    bent = affine(rotation=5.0, elastic_alpha=30.0)
+    assert np.abs(bent - plain).max() > 0.05
+    assert np.all((bent >= -1e-12) & (bent <= 1 + 1e-12))  # bilinear: a convex mix of pixels and fill 0
+    cfg = A.AugmentConfig(size=(16, 16), elastic_alpha=30.0)
+    out = np.asarray(jax.jit(A.augment, static_argnames="config")(KEY, images, cfg))
+    assert np.abs(out - images).max() > 0.05
+
+
 def test_color_jitter():
     images = _images(b=4) * 0.5  # in [0, 0.5]: no clipping for factors <= 2
     np.testing.assert_array_equal(np.asarray(A.color_jitter(KEY, images)), images)
@@ -188,6 +243,11 @@ def test_augment_default_config_is_identity_on_floats():
         (lambda: A.random_affine(KEY, _images(), rotation=-1.0), "rotation"),
         (lambda: A.random_affine(KEY, _images(), translation=2.0), "translation"),
         (lambda: A.affine_transform(_images(), np.eye(3)), "matrix"),
+        (lambda: A.affine_transform(_images(), np.eye(2, 3), displacement=np.zeros((1, 2, 3, 3))), "displacement"),
+        (lambda: A.random_affine(KEY, _images(), elastic_alpha=-1.0), "elastic_alpha"),
+        (lambda: A.elastic_displacement(KEY, batch=2, height=4, width=4, alpha=1.0, sigma=0.0), "sigma"),
+        (lambda: A.elastic_displacement(KEY, batch=0, height=4, width=4, alpha=1.0), "batch"),
+        (lambda: A.gaussian_smooth(np.zeros((4, 4)), sigma=1.0), "fields"),
         (lambda: A.color_jitter(KEY, _images(), brightness=-0.1), "brightness"),
         (lambda: A.normalize(_images(), (0.5, 0.5), 1.0), "mean"),
         (lambda: A.normalize(_images(), 0.5, 0.0), "std"),

@@ -164,3 +164,21 @@ def test_max_pool_2x2_matches_a_loop_and_the_reduce_window_pool(shape):
     np.testing.assert_allclose(np.asarray(grad), expected, rtol=1e-12, atol=0)
     np.testing.assert_allclose(np.asarray(grad), np.asarray(jax.vjp(reference, jnp.asarray(x))[1](jnp.asarray(dy))[0]),
                                rtol=1e-12, atol=0)
+
+
+def test_same_pool_padding_keeps_the_odd_border():
+    from dmljax.models.convnet import max_pool_2x2
+
+    x = np.random.default_rng(2).normal(size=(2, 7, 5, 3))
+    padded = np.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)), constant_values=-np.inf)
+    np.testing.assert_array_equal(np.asarray(max_pool_2x2(jnp.asarray(x), "SAME")), _numpy_max_pool_2x2(padded))
+    np.testing.assert_array_equal(np.asarray(max_pool_2x2(jnp.asarray(x), "SAME")),
+                                  np.asarray(nnx.max_pool(jnp.asarray(x), (2, 2), strides=(2, 2), padding="SAME")))
+    net = ConvNet(1, (4, 8, 8), num_pools=3, pooling="flatten", input_size=7, pool_padding="SAME", rngs=nnx.Rngs(0))
+    assert net.features == 8 * 1 * 1 and net(jnp.zeros((2, 7, 7, 1))).shape == (2, 8)
+    net = ConvNet(1, (4, 8), num_pools=1, pooling="flatten", input_size=7, pool_padding="SAME", rngs=nnx.Rngs(0))
+    assert net.features == 8 * 4 * 4 and net(jnp.zeros((2, 7, 7, 1))).shape == (2, 128)
+    with pytest.raises(ValueError, match="^pool_padding"):
+        ConvNet(1, (4,), pool_padding="same", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="^padding"):
+        max_pool_2x2(jnp.zeros((1, 2, 2, 1)), "FULL")

@@ -16,7 +16,10 @@ Provided (torchvision names and defaults where they exist, since DML papers use 
   because a mirrored character is usually a different character (Omniglot).
 * :func:`random_affine` / :func:`affine_transform` - small rotation, shear, scale and translation
   (bilinear, constant fill): the usual Omniglot augmentation (e.g. Koch et al. 2015's affine
-  distortions of characters). Fill 0 is background for ink-high images.
+  distortions of characters). Fill 0 is background for ink-high images. Optionally with an
+  elastic distortion (:func:`elastic_displacement`, Simard, Steinkraus & Platt, "Best Practices
+  for Convolutional Neural Networks Applied to Visual Document Analysis", ICDAR 2003): a smooth
+  random displacement field added to the affine sampling positions, so both cost one resampling.
 * :func:`color_jitter` - brightness, contrast, saturation as in torchvision's ``ColorJitter``
   (applied in that fixed order; hue is not implemented).
 * :func:`normalize`, :func:`to_float`, :func:`center_crop_resize` (deterministic eval transform).
@@ -40,6 +43,7 @@ __all__ = [
     "augment",
     "center_crop_resize",
     "color_jitter",
+    "elastic_displacement",
     "normalize",
     "random_affine",
     "random_flip_left_right",
@@ -141,12 +145,13 @@ def center_crop_resize(images: Any, *, size: int | tuple[int, int], crop_fractio
     return jax.vmap(lambda im: _crop_and_resize(im, top, left, jnp.asarray(ch), jnp.asarray(cw), size))(images)
 
 
-def affine_transform(images: Any, matrix: Any, *, fill: float = 0.0) -> jax.Array:
+def affine_transform(images: Any, matrix: Any, *, fill: float = 0.0, displacement: Any = None) -> jax.Array:
     """Warp images with an affine map given from output to input coordinates (bilinear).
 
     For each output pixel centre ``p = (row, col)``, measured from the image centre ``c``, the
-    value is sampled at input position ``A @ (p - c) + c + t`` where ``matrix = [A | t]``
-    ([2, 3] for all images or [B, 2, 3] per image). Outside the image: ``fill``.
+    value is sampled at input position ``A @ (p - c) + c + t (+ d(p))`` where ``matrix = [A | t]``
+    ([2, 3] for all images or [B, 2, 3] per image) and ``displacement`` d is an optional per-pixel
+    offset [B, 2, H, W] (rows, cols; e.g. :func:`elastic_displacement`). Outside the image: ``fill``.
     """
     images = _check_images(images)
     matrix = jnp.asarray(matrix, images.dtype)
@@ -155,16 +160,59 @@ def affine_transform(images: Any, matrix: Any, *, fill: float = 0.0) -> jax.Arra
     if matrix.ndim == 2:
         matrix = jnp.broadcast_to(matrix, (images.shape[0], 2, 3))
     h, w = images.shape[1:3]
+    if displacement is None:
+        displacement = jnp.zeros((images.shape[0], 2, h, w), images.dtype)
+    displacement = jnp.asarray(displacement, images.dtype)
+    if displacement.shape != (images.shape[0], 2, h, w):
+        raise ValueError(f"displacement must have shape {(images.shape[0], 2, h, w)} [B, 2, H, W], "
+                         f"got {displacement.shape}")
     centre = jnp.asarray([(h - 1) / 2, (w - 1) / 2], images.dtype)
     rows, cols = jnp.meshgrid(jnp.arange(h, dtype=images.dtype), jnp.arange(w, dtype=images.dtype), indexing="ij")
     out_coords = jnp.stack([rows, cols]) - centre[:, None, None]  # [2, H, W]
 
-    def warp(image, m):
-        coords = jnp.einsum("ij,jhw->ihw", m[:, :2], out_coords) + (centre + m[:, 2])[:, None, None]
+    def warp(image, m, d):
+        coords = jnp.einsum("ij,jhw->ihw", m[:, :2], out_coords) + (centre + m[:, 2])[:, None, None] + d
         per_channel = lambda ch: jax.scipy.ndimage.map_coordinates(ch, list(coords), order=1, mode="constant", cval=fill)
         return jax.vmap(per_channel, in_axes=-1, out_axes=-1)(image)
 
-    return jax.vmap(warp)(images, matrix)
+    return jax.vmap(warp)(images, matrix, displacement)
+
+
+def gaussian_smooth(fields: Any, *, sigma: float) -> jax.Array:
+    """Separable Gaussian filter (std ``sigma`` px, truncated at 3 sigma, zero padding, i.e.
+    ``scipy.ndimage.gaussian_filter(mode="constant", truncate=3)``) of each [H, W] plane of
+    ``fields`` [N, H, W]."""
+    sigma = _check_nonnegative(sigma, "sigma")
+    if sigma <= 0:
+        raise ValueError(f"sigma must be > 0, got {sigma!r}")
+    fields = jnp.asarray(fields)
+    if fields.ndim != 3:
+        raise ValueError(f"fields must have rank 3 [N, H, W], got shape {fields.shape}")
+    radius = max(1, int(3 * sigma + 0.5))
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    taps = jnp.asarray(taps / taps.sum(), fields.dtype)
+    dims = ("NHWC", "HWIO", "NHWC")
+    x = fields[..., None]
+    x = jax.lax.conv_general_dilated(x, taps[:, None, None, None], (1, 1), "SAME", dimension_numbers=dims)
+    x = jax.lax.conv_general_dilated(x, taps[None, :, None, None], (1, 1), "SAME", dimension_numbers=dims)
+    return x[..., 0]
+
+
+def elastic_displacement(key: jax.Array, *, batch: int, height: int, width: int, alpha: float,
+                         sigma: float = 4.0, dtype: Any = jnp.float32) -> jax.Array:
+    """Random elastic displacement fields [batch, 2, height, width] (row, col offsets in px).
+
+    Simard et al. 2003, Sec. 2: each component is uniform noise in [-1, 1] per pixel, smoothed
+    by a Gaussian of std ``sigma`` (:func:`gaussian_smooth`) and scaled by ``alpha``; their
+    MNIST (28 px) setting is sigma = 4, alpha = 34 (displacements of a pixel or two that bend
+    strokes the way handwriting varies). Feed it to :func:`affine_transform`.
+    """
+    alpha = _check_nonnegative(alpha, "alpha")
+    height, width = _check_size((height, width), "height/width")
+    if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 1:
+        raise ValueError(f"batch must be a positive int, got {batch!r}")
+    noise = jax.random.uniform(key, (batch * 2, height, width), dtype, minval=-1.0, maxval=1.0)
+    return alpha * gaussian_smooth(noise, sigma=sigma).reshape(batch, 2, height, width)
 
 
 # ----------------------------------------------------------------------------- random parts
@@ -221,9 +269,13 @@ def random_affine(
     translation: float = 0.0,
     scale: tuple[float, float] = (1.0, 1.0),
     fill: float = 0.0,
+    elastic_alpha: float = 0.0,
+    elastic_sigma: float = 4.0,
 ) -> jax.Array:
     """Random affine distortion: rotation U(-rotation, rotation) degrees, horizontal shear
-    U(-shear, shear) degrees, zoom U(scale), translation U(-t, t) x image size per axis.
+    U(-shear, shear) degrees, zoom U(scale), translation U(-t, t) x image size per axis;
+    ``elastic_alpha > 0`` adds an elastic distortion (:func:`elastic_displacement` with
+    ``elastic_alpha``, ``elastic_sigma``) in the same resampling.
 
     The forward map is translate o rotate o shear o zoom about the image centre (torchvision's
     ``RandomAffine`` parameterisation); pixels are pulled through its inverse with bilinear
@@ -234,6 +286,7 @@ def random_affine(
     shear = _check_nonnegative(shear, "shear", maximum=89.0)
     translation = _check_nonnegative(translation, "translation", maximum=1.0)
     scale = _check_range(scale, "scale", positive=True)
+    elastic_alpha = _check_nonnegative(elastic_alpha, "elastic_alpha")
     b, h, w, _ = images.shape
     dtype = images.dtype
 
@@ -253,7 +306,11 @@ def random_affine(
         return jnp.concatenate([inverse, -(inverse @ shift)[:, None]], axis=1)
 
     matrices = jax.vmap(inverse_matrix)(_per_image_keys(key, b))
-    return affine_transform(images, matrices, fill=fill)
+    displacement = None
+    if elastic_alpha > 0:  # a key of its own, so elastic_alpha=0 keeps the affine draws of before
+        displacement = elastic_displacement(jax.random.fold_in(key, 1), batch=b, height=h, width=w,
+                                            alpha=elastic_alpha, sigma=elastic_sigma, dtype=dtype)
+    return affine_transform(images, matrices, fill=fill, displacement=displacement)
 
 
 def _grayscale(images: jax.Array) -> jax.Array:
@@ -324,6 +381,8 @@ class AugmentConfig:
     shear: float = 0.0
     translation: float = 0.0
     zoom: tuple[float, float] = (1.0, 1.0)
+    elastic_alpha: float = 0.0  # > 0: elastic distortion (Simard et al. 2003), see elastic_displacement
+    elastic_sigma: float = 4.0
     brightness: float = 0.0
     contrast: float = 0.0
     saturation: float = 0.0
@@ -359,9 +418,11 @@ def augment(key: jax.Array, images: Any, config: AugmentConfig) -> jax.Array:
         images = center_crop_resize(images, size=size)
     if config.flip:
         images = random_flip_left_right(k_flip, images)
-    if config.rotation or config.shear or config.translation or tuple(config.zoom) != (1.0, 1.0):
+    if (config.rotation or config.shear or config.translation or tuple(config.zoom) != (1.0, 1.0)
+            or config.elastic_alpha):
         images = random_affine(k_affine, images, rotation=config.rotation, shear=config.shear,
-                               translation=config.translation, scale=config.zoom)
+                               translation=config.translation, scale=config.zoom,
+                               elastic_alpha=config.elastic_alpha, elastic_sigma=config.elastic_sigma)
     if config.brightness or config.contrast or config.saturation:
         images = color_jitter(k_color, images, brightness=config.brightness, contrast=config.contrast,
                               saturation=config.saturation)

@@ -30,15 +30,22 @@ def preprocess_images(images: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
     return images.astype(dtype)
 
 
-def max_pool_2x2(x: jax.Array) -> jax.Array:
-    """2x2 max pool, stride 2, VALID (odd trailing rows/columns dropped): [N, H, W, C] -> [N, H//2, W//2, C].
+def max_pool_2x2(x: jax.Array, padding: str = "VALID") -> jax.Array:
+    """2x2 max pool, stride 2: [N, H, W, C] -> [N, H//2, W//2, C] with ``padding="VALID"`` (an odd
+    trailing row / column is dropped) or [N, ceil(H/2), ceil(W/2), C] with ``"SAME"`` (it is kept,
+    as its own window).
 
     Same values as ``nnx.max_pool(x, (2, 2), strides=(2, 2))``, written as a reshape + max so
     that the gradient is elementwise (``x == max`` indicators, split between exact ties); the
     reduce-window gradient of XLA:CPU materialises four int32 index arrays of the input's size
     per pool (measured: ~40% of an Omniglot conv-net train step).
     """
+    if padding not in ("VALID", "SAME"):
+        raise ValueError(f"padding must be 'VALID' or 'SAME', got {padding!r}")
     n, h, w, c = x.shape
+    if padding == "SAME":
+        x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), constant_values=-jnp.inf)
+        h, w = h + h % 2, w + w % 2
     x = x[:, : h // 2 * 2, : w // 2 * 2]
     return jnp.max(x.reshape(n, h // 2, 2, w // 2, 2, c), axis=(2, 4))
 
@@ -50,6 +57,8 @@ class ConvNet(nnx.Module):
       in_channels: channels of the input images (1 for grey-scale).
       channels: output channels of each block, e.g. (64, 128, 128, 256).
       num_pools: how many of the first blocks end with a 2x2 max pool (28 px: 3 pools -> 3x3).
+      pool_padding: "VALID" (an odd row / column is dropped: 28 px -> 14 -> 7 -> 3, losing the
+        last feature row and column of the 7x7 map) or "SAME" (kept: 28 -> 14 -> 7 -> 4).
       pooling: "avg" (global average pool -> [N, channels[-1]]) or "flatten" (keep the
         spatial layout of the last feature map -> [N, channels[-1] * side^2]; where a stroke is
         matters for characters). "flatten" needs ``input_size`` (square images).
@@ -66,6 +75,7 @@ class ConvNet(nnx.Module):
         bn_momentum: float = 0.9,
         pooling: str = "avg",
         input_size: int | None = None,
+        pool_padding: str = "VALID",
         dtype: Any = None,
         rngs: nnx.Rngs,
     ):
@@ -80,13 +90,16 @@ class ConvNet(nnx.Module):
             raise ValueError(f"pooling must be 'avg' or 'flatten', got {pooling!r}")
         if pooling == "flatten" and (input_size is None or input_size < 1):
             raise ValueError(f"input_size must be a positive int with pooling='flatten', got {input_size}")
+        if pool_padding not in ("VALID", "SAME"):
+            raise ValueError(f"pool_padding must be 'VALID' or 'SAME', got {pool_padding!r}")
         self.dtype = dtype
+        self.pool_padding = pool_padding
         self.pooling = pooling
         self.input_size = input_size
         if pooling == "flatten":
             side = input_size
             for _ in range(self.num_pools):
-                side //= 2
+                side = side // 2 if pool_padding == "VALID" else -(-side // 2)
             self.features = int(channels[-1]) * side * side
         else:
             self.features = int(channels[-1])
@@ -107,7 +120,7 @@ class ConvNet(nnx.Module):
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
             x = nnx.relu(norm(conv(x)))
             if i < self.num_pools:
-                x = max_pool_2x2(x)
+                x = max_pool_2x2(x, self.pool_padding)
         if self.pooling == "flatten":
             if images.shape[1:3] != (self.input_size, self.input_size):
                 raise ValueError(f"images must be {self.input_size}x{self.input_size} with pooling='flatten', "
