@@ -182,3 +182,20 @@ def test_same_pool_padding_keeps_the_odd_border():
         ConvNet(1, (4,), pool_padding="same", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="^padding"):
         max_pool_2x2(jnp.zeros((1, 2, 2, 1)), "FULL")
+
+
+def test_max_pool_2x2_ties_go_to_the_first_maximum_like_reduce_window():
+    from dmljax.models.convnet import max_pool_2x2
+
+    x = np.zeros((2, 4, 6, 3))  # all ties (e.g. ReLU zeros)
+    x[0, 1, 1, 0] = x[0, 0, 1, 0] = 2.0  # a tie of two positive values in one window
+    dy = np.random.default_rng(3).normal(size=(2, 2, 3, 3))
+    reference = lambda v: nnx.max_pool(v, (2, 2), strides=(2, 2))
+    grad = jax.vjp(max_pool_2x2, jnp.asarray(x))[1](jnp.asarray(dy))[0]
+    expected = jax.vjp(reference, jnp.asarray(x))[1](jnp.asarray(dy))[0]
+    np.testing.assert_array_equal(np.asarray(grad), np.asarray(expected))
+    assert np.asarray(grad)[0, 0, 1, 0] == dy[0, 0, 0, 0] and np.asarray(grad)[0, 1, 1, 0] == 0.0
+    from jax.test_util import check_grads
+
+    check_grads(max_pool_2x2, (jnp.asarray(np.random.default_rng(4).normal(size=(1, 4, 4, 2))),),
+                              order=1, modes=("rev",))
