@@ -9,6 +9,10 @@ def get_config():
     c.workdir = "runs/omniglot_small"
     c.data.train_split = "background_small1"
     c.data.test_split = "minimal_test"
+    # the input pipeline of the issue 7 / 8 comparisons (experiments/results/issue{7,8}_comparison),
+    # kept when the standard config moved to 32 px + elastic distortion, so their seeds stay comparable
+    c.data.image_size = 28
+    c.augment.elastic_alpha = 0.0
     c.optim.num_steps = 300
     c.optim.warmup_steps = 30
     c.train.eval_every = 150
