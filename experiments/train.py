@@ -40,6 +40,9 @@ Trainer flags (all ``--set key=value``; values are Python literals):
   a before-step callback of the loop) and passes the batch's cluster ids to the method.
 * ``data.label_noise=0.2`` (``data.label_noise_kind`` symmetric | pairflip): corrupt that
   fraction of the training labels (`dmljax.methods.label_noise`), e.g. for ``bspml``.
+* ``augment.elastic_alpha`` / ``augment.elastic_sigma`` (grey-scale conv-net data): elastic
+  distortion (Simard et al. 2003, `dmljax.data.augment.elastic_displacement`) in the affine
+  warp, 0 = off; ``model.pool_padding="SAME"`` keeps an odd last row / column when pooling.
 * ``sampler.name=lifted_hard_negative`` (default ``m_per_class``): the hard-negative batches of
   the lifted structured embedding (Oh Song et al. 2016, Sec. 4;
   `dmljax.train.lifted_pool.LiftedHardNegativeSampler`, a before-step hook + sampler): every

@@ -2,8 +2,32 @@
 
 Train on images_background (964 characters); test on the 659 unseen images_evaluation
 characters (every image a query against all others: R@K, MAP@R, NMI) and on the 20 official
-20-way one-shot runs. Sized to finish in < 15 minutes on 2 CPU cores (measured on a 2-core pinned
-CPU: 4.5 steps/s for this net at batch 128, i.e. ~11-12 minutes with data loading and 3 evals).
+20-way one-shot runs. Sized to finish in < 15 minutes on 2 CPU cores: 32 px input, elastic +
+affine distortions, 3000 steps of batch 128 (measured 2026-11-23 on the idle 2-core CPU: 3.7-4.6
+steps/s, 13.9 minutes wall with data loading and two 9-view evaluations; the machine's speed
+varied by up to 1.5x within the hour, so budget ~1 minute of margin).
+
+Current default (session 3, 2026-11-23; idle 2-core CPU; 9-view TTA; R@1 / MAP@R / one-shot):
+  32 px + elastic (alpha 30, sigma 4), 3000 steps   0.8904 / 0.614 / 4.00%   wall 835 s  <- this config
+                                     (step 1500:   0.8785 / 0.582 / 5.50%)
+  same, 3500 steps                                  0.8919 / 0.624 / 2.75%   wall 940 s (over 15 min)
+  eval-only variants of the 3000-step checkpoint: 25 views (+-2 px) 0.8945 (88 s per evaluation
+  instead of 38 s); 13 views 0.8923; 9 shifts x rotations +-6 deg 0.8885, x zooms 0.95/1.05
+  0.8892; SimpleShot centring with the training mean (Wang et al. 2019) 0.8905 (no gain).
+1500-step screening runs of session 3 (one evaluation at the end, 9-view TTA):
+  28 px (the session-2 default)                     0.8697 / 0.568 / 6.75%
+  32 px                                             0.8780 / 0.582 / 6.25%   (+0.8% R@1)
+  32 px + elastic alpha 30                          0.8780 / 0.588 / 5.75%
+  32 px + stronger affine (rot 15, shear 20, zoom 0.8-1.2)  0.8700 / 0.565 / 5.00%  (hurts)
+  28 px + SAME pooling (7 -> 4, keeps the last row) + elastic  0.8697 / 0.566 / 4.75%
+                                                    (so the 32 px gain is resolution, not pooling)
+  28 px + a fifth conv (256 ch at 3x3)              0.8613 / 0.557 / 6.00%   (hurts)
+  normalized softmax over the 3856 classes          stopped: loss at chance after 450 steps (each
+                                                    class is seen ~2 times in 450 steps)
+The 2x2 max pool was rewritten (reshape + max with a custom VJP, dmljax.models.convnet.max_pool_2x2):
+XLA:CPU's reduce-window gradient had been ~40% of the step; this is what made 32 px affordable.
+The acceptance target R@1 >= 0.90 is still NOT reached in the 15-minute budget (0.890; one-shot
+4.0% <= 5% is). History of the earlier sessions below (28 px).
 
 Measured (2026-11-23, same code on a GPU for the sweep, 3000 steps unless noted; R@1 / one-shot):
   MS, 32-64-128-256, avg pool, 16 classes x 8      0.869 / 4.25%   <- this config
@@ -70,7 +94,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.name = "omniglot"
     c.data.train_split = "background"
     c.data.test_split = "evaluation"
-    c.data.image_size = 28
+    c.data.image_size = 32  # 28 -> 32: +0.8% R@1 at 1500 steps (more stroke detail), ~1.2x step time
     # rotate every training character by 90/180/270 degrees to make new classes (x4 classes),
     # the standard Omniglot trick of Santoro et al. 2016 / Vinyals et al. 2016.
     c.data.rotation_classes = 4
@@ -106,8 +130,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.augment.translation = 0.1
     c.augment.zoom = (0.9, 1.1)
     # elastic distortion (Simard et al. 2003; dmljax.data.augment.elastic_displacement), alpha px
-    # scale of a sigma-px-smooth random field; 0 = off
-    c.augment.elastic_alpha = 0.0
+    # scale of a sigma-px-smooth random field; 0 = off; MNIST setting alpha 34, sigma 4
+    c.augment.elastic_alpha = 30.0  # 1500 steps: same R@1, MAP@R +0.6%, one-shot -0.5%
     c.augment.elastic_sigma = 4.0
 
     c.optim = ml_collections.ConfigDict()
