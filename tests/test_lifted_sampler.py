@@ -15,7 +15,8 @@ import pytest
 
 from dmljax.train.lifted_pool import POOL_KEY, LiftedHardNegativeSampler
 from experiments import train as T
-from tests.test_train_methods import _check_finite_run, _config, _main, _max_diff, _toy_state
+from tests.test_train_methods import _check_finite_run, _config, _main, _toy_state
+from tests.utils import Interrupted, fit_with_interrupt, max_tree_diff as _max_diff
 
 LIFTED = ("sampler.name=lifted_hard_negative",)
 
@@ -100,33 +101,19 @@ def test_slots_without_negatives_fall_back_to_the_plain_batch():
 def test_resumed_run_matches_uninterrupted(tmp_path):
     """Killed after step 5 (latest checkpoint: step 4, whose pool was embedded at step 3 with the
     step-3 model), resumed: same params and pool as an uninterrupted 6-step run."""
-    from dmljax.train.checkpoint import Checkpointer
-    from dmljax.train.loop import fit
     from dmljax.train.step import train_step
     c = _config(*LIFTED, "sampler.options.refresh_every=3", "optim.num_steps=6", "sampler.options.pool_size=48")
     step_fn = jax.jit(train_step)
     fresh, _, images, labels, base = _toy_state(c)
 
-    class Cut(Exception):
-        pass
-
     def run(directory, *, resume=False, stop_after=None):
         sampler = _lifted(c, images, labels, seed_key=7)  # a new process: nothing cached
-
-        def stopper(s, record):
-            if stop_after is not None and int(s.step) == stop_after:
-                raise Cut
-        ckpt = Checkpointer(directory, save_every=2, best_metric=None)
-        try:
-            return fit(fresh, images=images, labels=labels, sampler=sampler, num_steps=6, key=jax.random.key(1),
-                       step_fn=step_fn, checkpointer=ckpt, resume=resume, callbacks=[stopper],
-                       before_step=sampler.before_step)[0]
-        finally:
-            ckpt.wait()
-            ckpt.close()
+        return fit_with_interrupt(directory, fresh, stop_after=stop_after, resume=resume, images=images,
+                                  labels=labels, sampler=sampler, num_steps=6, key=jax.random.key(1),
+                                  step_fn=step_fn, before_step=sampler.before_step)
 
     reference = run(tmp_path / "full")
-    with pytest.raises(Cut):
+    with pytest.raises(Interrupted):
         run(tmp_path / "cut", stop_after=5)
     resumed = run(tmp_path / "cut", resume=True)
     assert int(resumed.step) == 6 and int(reference.loss_state[POOL_KEY]["step"]) == 3

@@ -24,6 +24,7 @@ import pytest
 
 from experiments import train as T
 from experiments.configs import get_config
+from tests.utils import Interrupted, fit_with_interrupt, max_tree_diff
 
 TOY = ["data.name=toy", "data.image_size=8", "model.channels=(4,8)", "model.num_pools=2",
        "model.embedding_dim=8", "sampler.classes_per_batch=4", "sampler.samples_per_class=4",
@@ -62,9 +63,7 @@ def _toy_state(config, teacher=None):
     return state, objective, images, labels, sampler
 
 
-def _max_diff(a, b):
-    return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+_max_diff = max_tree_diff
 
 
 # ----------------------------------------------------------------------------- methods end to end
@@ -423,10 +422,6 @@ def test_parallel_stateful_step_equals_single_device():
     assert _max_diff(s8.params, s1.params) <= 1e-4 * p_change + 1e-6
 
 
-class _Interrupt(Exception):
-    pass
-
-
 @pytest.mark.parametrize("sets", [pytest.param(("method.name=das",), marks=pytest.mark.slow),
                                   ("method.name=divide_conquer", "method.options.num_learners=2",
                                    "method.options.recluster_every=3", "loss.name=contrastive")],
@@ -434,33 +429,23 @@ class _Interrupt(Exception):
 def test_loss_state_survives_resume(tmp_path, sets):
     """Killed after step 5 (latest checkpoint: step 4), resumed: same params and loss_state as an
     uninterrupted 6-step run (divide and conquer: the step-3 clusters come from the checkpoint)."""
-    from dmljax.train.checkpoint import Checkpointer
-    from dmljax.train.loop import KMeansReclustering, fit
+    from dmljax.train.loop import KMeansReclustering
     from dmljax.train.step import train_step
     c = _config(*sets, "optim.num_steps=6")
     step_fn = jax.jit(train_step)
     fresh, obj, images, labels, sampler = _toy_state(c)  # one template: the step compiles once
 
     def run(directory, *, resume=False, stop_after=None):
-        state = fresh
         hooks = {}
         if obj.method == "divide_conquer":
             rc = KMeansReclustering(images, num_clusters=2, every=obj.recluster_every, key=jax.random.key(5))
             hooks = {"before_step": rc.before_step, "batch_extras": rc.batch_extras}
-
-        def stopper(s, record):
-            if stop_after is not None and int(s.step) == stop_after:
-                raise _Interrupt
-        ckpt = Checkpointer(directory, save_every=2, best_metric=None)
-        try:
-            return fit(state, images=images, labels=labels, sampler=sampler, num_steps=6, key=jax.random.key(1),
-                       step_fn=step_fn, checkpointer=ckpt, resume=resume, callbacks=[stopper], **hooks)[0]
-        finally:
-            ckpt.wait()
-            ckpt.close()
+        return fit_with_interrupt(directory, fresh, stop_after=stop_after, resume=resume, images=images,
+                                  labels=labels, sampler=sampler, num_steps=6, key=jax.random.key(1),
+                                  step_fn=step_fn, **hooks)
 
     reference = run(tmp_path / "full")
-    with pytest.raises(_Interrupt):
+    with pytest.raises(Interrupted):
         run(tmp_path / "cut", stop_after=5)
     resumed = run(tmp_path / "cut", resume=True)
     assert int(resumed.step) == 6

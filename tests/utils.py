@@ -69,3 +69,31 @@ def assert_jit_matches(loss_fn, *args, rtol=1e-10, **kwargs):
     jitted = jax.jit(functools.partial(loss_fn, **kwargs))(*args)
     np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), rtol=rtol, atol=1e-12)
     return eager
+
+
+def max_tree_diff(a, b) -> float:
+    """Largest absolute difference between the leaves of two pytrees of the same structure."""
+    return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+class Interrupted(Exception):
+    """Raised by `fit_with_interrupt`'s callback to kill a run mid-way."""
+
+
+def fit_with_interrupt(directory, state, *, stop_after: int | None = None, resume: bool = False,
+                       save_every: int = 2, **fit_kwargs):
+    """`dmljax.train.loop.fit` with an orbax checkpointer in ``directory`` (every ``save_every``
+    steps), raising `Interrupted` after step ``stop_after`` (a killed run); returns the final state."""
+    from dmljax.train.checkpoint import Checkpointer
+    from dmljax.train.loop import fit
+
+    def stopper(s, record):
+        if stop_after is not None and int(s.step) == stop_after:
+            raise Interrupted
+    ckpt = Checkpointer(directory, save_every=save_every, best_metric=None)
+    try:
+        return fit(state, checkpointer=ckpt, resume=resume, callbacks=[stopper], **fit_kwargs)[0]
+    finally:
+        ckpt.wait()
+        ckpt.close()
