@@ -13,6 +13,7 @@ TINY = ["--model", "convnet", "--image-size", "16", "--batch", "8", "--steps", "
         "--dtype", "float32", "--classes", "10", "--dim", "16", "--convnet-channels", "8,16"]
 
 
+@pytest.mark.slow  # > 9 s; the suite's 10-minute budget (run with -m slow)
 def test_bench_writes_rows_for_one_and_two_devices(tmp_path, monkeypatch):
     # machine_info imports torch when installed: seconds of CPU that say nothing here
     monkeypatch.setattr(bench, "machine_info", lambda: {"stub": True})

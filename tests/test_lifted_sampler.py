@@ -26,7 +26,7 @@ def _lifted(config, images, labels, seed_key=0):
     return T.build_lifted_sampler(config, base, images, labels, key=jax.random.key(seed_key))
 
 
-@pytest.mark.parametrize("sets", [(), pytest.param(("method.name=divide_conquer", "method.options.num_learners=2",
+@pytest.mark.parametrize("sets", [pytest.param((), marks=pytest.mark.slow), pytest.param(("method.name=divide_conquer", "method.options.num_learners=2",
                                                     "method.options.recluster_every=1", "loss.name=contrastive"),
                                                    marks=pytest.mark.slow)], ids=["ms", "divide_conquer"])
 def test_flag_trains_end_to_end(tmp_path, capsys, sets):

@@ -123,6 +123,7 @@ def test_map_at_all_matches_loop_and_sklearn():
         map_at_all(ranking[:, :5], q_labels, g_labels)
 
 
+@pytest.mark.slow  # > 9 s; the suite's 10-minute budget (run with -m slow)
 @pytest.mark.parametrize("task", ["multilabel", "cross_modal"])
 def test_run_is_deterministic_and_finite(task, tmp_path):
     a = run(_tiny(task), tmp_path)

@@ -364,6 +364,7 @@ def test_entry_hook_delegates_to_the_module(tmp_path, monkeypatch):
     assert out == {"score": 0.5} and calls == [("demo", str(tmp_path))]
 
 
+@pytest.mark.slow  # > 9 s; the suite's 10-minute budget (run with -m slow)
 def test_rerank_report_is_merged_into_the_final_table(tmp_path, monkeypatch):
     seen = {}
 
