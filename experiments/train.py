@@ -101,6 +101,7 @@ import numpy as np
 from flax import nnx
 
 from dmljax._validation import check_choice, check_scalar
+from dmljax.methods._common import check_positive_int
 from dmljax.models.convnet import ConvNet
 from dmljax.models.heads import EmbeddingHead, EmbeddingModel
 from dmljax.train.checkpoint import Checkpointer
@@ -943,11 +944,7 @@ def lifted_sampler_options(config, *, num_train: int, steps_per_epoch: int) -> d
 
     def positive(name, default=None):
         v = opts.get(name, default)
-        if v is None:
-            return None
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"sampler.options.{name} must be a positive integer, got {v!r}")
-        return v
+        return None if v is None else check_positive_int(v, name=f"sampler.options.{name}")
 
     batch = int(config.sampler.classes_per_batch) * int(config.sampler.samples_per_class)
     pairs, negs = positive("num_pairs"), positive("negatives_per_pair")
