@@ -42,7 +42,9 @@ Trainer flags (all ``--set key=value``; values are Python literals):
   fraction of the training labels (`dmljax.methods.label_noise`), e.g. for ``bspml``.
 * ``augment.elastic_alpha`` / ``augment.elastic_sigma`` (grey-scale conv-net data): elastic
   distortion (Simard et al. 2003, `dmljax.data.augment.elastic_displacement`) in the affine
-  warp, 0 = off; ``model.pool_padding="SAME"`` keeps an odd last row / column when pooling.
+  warp, 0 = off; ``model.pool_padding="SAME"`` keeps an odd last row / column when pooling;
+  ``model.stem="space_to_depth"`` folds 2x2 pixel blocks into channels in place of the first pool
+  (`dmljax.models.convnet.space_to_depth_2x2`).
 * ``sampler.name=lifted_hard_negative`` (default ``m_per_class``): the hard-negative batches of
   the lifted structured embedding (Oh Song et al. 2016, Sec. 4;
   `dmljax.train.lifted_pool.LiftedHardNegativeSampler`, a before-step hook + sampler): every
@@ -70,6 +72,10 @@ Trainer flags (all ``--set key=value``; values are Python literals):
 * a config with ``entry="module.path"`` is not trained here: ``main`` returns
   ``importlib.import_module(entry).run(config, workdir)`` (e.g. the synthetic tasks).
 * ``data.name="toy"``: a tiny synthetic image set (`dmljax.train.toy`), for smoke tests.
+
+XLA:CPU: ``main`` adds ``--xla_cpu_experimental_ynn_fusion_type=`` to ``XLA_FLAGS`` before the
+backend starts (`dmljax.train.xla_cpu.use_fast_cpu_flags`: the conv-net step ~1.2-1.4x faster on
+CPU with jaxlib 0.10; skipped when ``XLA_FLAGS`` already sets it or ``DMLJAX_DEFAULT_XLA_FLAGS=0``).
 
 Multi-device: ``--set train.data_parallel=True`` shards each global batch over all local
 devices with ``jax.shard_map`` (see `dmljax.train.step.make_parallel_train_step`). Multi-host:
@@ -109,6 +115,7 @@ from dmljax.train.loop import KMeansReclustering, fit
 from dmljax.train.optim import make_optimizer
 from dmljax.train.state import create_train_state
 from dmljax.train.step import data_mesh, embed, make_parallel_train_step, train_step
+from dmljax.train.xla_cpu import use_fast_cpu_flags
 from experiments.configs import get_config
 
 
@@ -249,7 +256,7 @@ def build_model(config, key: int):
     backbone = ConvNet(1, tuple(config.model.channels), num_pools=config.model.num_pools,
                        pooling=config.model.pooling,
                        pool_padding=config.model.get("pool_padding", "VALID"), input_size=config.data.image_size,
-                       rngs=rngs)
+                       stem=config.model.get("stem", "conv"), rngs=rngs)
     head = EmbeddingHead(backbone.features, config.model.embedding_dim,
                          norm=config.model.head_norm or None, rngs=rngs)
     return EmbeddingModel(backbone, head)
@@ -747,11 +754,17 @@ def build_augment(config):
     return functools.partial(_augment, config=aug)
 
 
-def make_embed_fn(config):
+def make_embed_fn(config, *, final: bool = False):
     """``embed_fn(state, images, batch_size) -> [N, D]``: plain, or test-time augmented
-    (`dmljax.train.tta.embed_tta`) when ``config.eval`` asks for more than the identity view."""
+    (`dmljax.train.tta.embed_tta`) when ``config.eval`` asks for more than the identity view.
+
+    ``final=True``: the views of the last evaluation, ``eval.final_tta_shifts`` when set (a
+    non-empty tuple; e.g. a wider grid that is too slow to run at every evaluation), else
+    ``eval.tta_shifts``."""
     e = config.get("eval")
     shifts = tuple(tuple(s) for s in e.tta_shifts) if e is not None else ((0, 0),)
+    if final and e is not None and tuple(e.get("final_tta_shifts", ()) or ()):
+        shifts = tuple(tuple(s) for s in e.final_tta_shifts)
     zooms = tuple(e.tta_zooms) if e is not None else (1.0,)
     feature_weight = float(e.feature_weight) if e is not None else 0.0
     if set(shifts) <= {(0, 0)} and set(zooms) <= {1.0} and not feature_weight:
@@ -1077,6 +1090,9 @@ def main(argv=None) -> dict[str, float]:
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     parser.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize()")
     args = parser.parse_args(argv)
+    # before anything starts a backend (XLA reads its flags once): the measured XLA:CPU
+    # convolution setting of dmljax.train.xla_cpu (opt out: DMLJAX_DEFAULT_XLA_FLAGS=0)
+    use_fast_cpu_flags()
     if args.distributed:
         jax.distributed.initialize()
     config = apply_overrides(get_config(args.config), args.set)
@@ -1116,6 +1132,7 @@ def main(argv=None) -> dict[str, float]:
         step_fn = weight_average.wrap(step_fn)
     for_eval = weight_average.averaged if weight_average is not None else (lambda s: s)
     embed_fn = make_embed_fn(config)
+    final_embed_fn = make_embed_fn(config, final=True)
     last_eval: dict = {}
     checkpoint_dir = os.path.join(workdir, "checkpoints")
     if not args.resume and os.path.isdir(checkpoint_dir):
@@ -1153,7 +1170,9 @@ def main(argv=None) -> dict[str, float]:
     callbacks = [LossWeightLog(objective), log] if objective.spec.name == "ensemble" else [log]
     state, _ = fit(state, images=images, labels=labels, sampler=sampler, num_steps=o.num_steps, key=k_train,
                    step_fn=step_fn, checkpointer=checkpointer, resume=args.resume,
-                   eval_every=config.train.eval_every, eval_fn=lambda s: evaluate(for_eval(s), test, runs, embed_fn=embed_fn, keep=last_eval),
+                   eval_every=config.train.eval_every, eval_fn=lambda s: evaluate(
+                       for_eval(s), test, runs, keep=last_eval,
+                       embed_fn=final_embed_fn if int(s.step) >= o.num_steps else embed_fn),
                    callbacks=callbacks, progress=config.train.progress, log_every=config.train.log_every, **hooks)
     t_train = time.perf_counter() - t_start
     if last_eval.get("step") == int(state.step):  # fit() evaluated the last step already
@@ -1161,11 +1180,11 @@ def main(argv=None) -> dict[str, float]:
         if config.train.final_nmi:
             final.update(clustering(last_eval["embeddings"], test.labels.astype(np.int32)))
     else:
-        final = evaluate(for_eval(state), test, runs, with_nmi=config.train.final_nmi, embed_fn=embed_fn,
+        final = evaluate(for_eval(state), test, runs, with_nmi=config.train.final_nmi, embed_fn=final_embed_fn,
                          keep=last_eval)
     final.update(objective.loss_weights(state))
     final.update(rerank_metrics(config, for_eval(state), train_images=images, train_labels=labels,
-                                test_embeddings=last_eval["embeddings"], test_labels=test.labels, embed_fn=embed_fn))
+                                test_embeddings=last_eval["embeddings"], test_labels=test.labels, embed_fn=final_embed_fn))
     if weight_average is not None:
         # the averaged weights evaluated above, for later analysis (the run's checkpoints hold
         # the raw weights that --resume needs)

@@ -30,6 +30,11 @@ if "xla_cpu_use_fusion_emitters" not in _xla_flags and _jaxlib_minor() == (0, 10
     _xla_flags += " --xla_cpu_use_fusion_emitters=false"
 os.environ["XLA_FLAGS"] = _xla_flags.strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# the XLA:CPU setting the training CLI runs with (dmljax.train.xla_cpu: no YNNPACK fusions), so
+# that the trainer tests compile what `python -m experiments.train` compiles
+from dmljax.train.xla_cpu import use_fast_cpu_flags  # noqa: E402
+
+use_fast_cpu_flags()
 
 import jax  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402

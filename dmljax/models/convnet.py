@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["ConvNet", "max_pool_2x2", "preprocess_images"]
+__all__ = ["ConvNet", "max_pool_2x2", "preprocess_images", "space_to_depth_2x2"]
 
 
 def preprocess_images(images: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
@@ -87,6 +87,15 @@ def max_pool_2x2(x: jax.Array, padding: str = "VALID") -> jax.Array:
     return _max_pool_2x2_even(x[:, : h // 2 * 2, : w // 2 * 2])
 
 
+def space_to_depth_2x2(x: jax.Array) -> jax.Array:
+    """[N, H, W, C] -> [N, H//2, W//2, 4C]: each 2x2 block of pixels becomes one pixel with its
+    four values as channels (row-major within the block); an odd last row / column is dropped."""
+    n, h, w, c = x.shape
+    x = x[:, : h // 2 * 2, : w // 2 * 2]
+    x = x.reshape(n, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(n, h // 2, w // 2, 4 * c)
+
+
 class ConvNet(nnx.Module):
     """Conv-net backbone: ``len(channels)`` blocks, max pooling after the first ``num_pools``.
 
@@ -96,6 +105,12 @@ class ConvNet(nnx.Module):
       num_pools: how many of the first blocks end with a 2x2 max pool (28 px: 3 pools -> 3x3).
       pool_padding: "VALID" (an odd row / column is dropped: 28 px -> 14 -> 7 -> 3, losing the
         last feature row and column of the 7x7 map) or "SAME" (kept: 28 -> 14 -> 7 -> 4).
+      stem: "conv" (the first block sees the full-resolution image) or "space_to_depth" (the
+        image is first folded into 2x2 blocks, `space_to_depth_2x2`: [N, H, W, C] -> [N, H/2,
+        W/2, 4C], which takes the place of the first block's max pool; the first conv then runs
+        at half resolution with a 6x6-pixel receptive field, as a stride-2 stem does -- the same
+        feature-map sizes from the second block on, without the full-resolution first layer
+        that dominates the memory traffic of the step). Needs ``num_pools >= 1``.
       pooling: "avg" (global average pool -> [N, channels[-1]]) or "flatten" (keep the
         spatial layout of the last feature map -> [N, channels[-1] * side^2]; where a stroke is
         matters for characters). "flatten" needs ``input_size`` (square images).
@@ -113,6 +128,7 @@ class ConvNet(nnx.Module):
         pooling: str = "avg",
         input_size: int | None = None,
         pool_padding: str = "VALID",
+        stem: str = "conv",
         dtype: Any = None,
         rngs: nnx.Rngs,
     ):
@@ -129,19 +145,25 @@ class ConvNet(nnx.Module):
             raise ValueError(f"input_size must be a positive int with pooling='flatten', got {input_size}")
         if pool_padding not in ("VALID", "SAME"):
             raise ValueError(f"pool_padding must be 'VALID' or 'SAME', got {pool_padding!r}")
+        if stem not in ("conv", "space_to_depth"):
+            raise ValueError(f"stem must be 'conv' or 'space_to_depth', got {stem!r}")
+        if stem == "space_to_depth" and self.num_pools < 1:
+            raise ValueError("num_pools must be >= 1 with stem='space_to_depth' (the fold replaces the first pool)")
+        self.stem = stem
         self.dtype = dtype
         self.pool_padding = pool_padding
         self.pooling = pooling
         self.input_size = input_size
         if pooling == "flatten":
             side = input_size
-            for _ in range(self.num_pools):
-                side = side // 2 if pool_padding == "VALID" else -(-side // 2)
+            for i in range(self.num_pools):
+                valid = pool_padding == "VALID" or (i == 0 and stem == "space_to_depth")
+                side = side // 2 if valid else -(-side // 2)
             self.features = int(channels[-1]) * side * side
         else:
             self.features = int(channels[-1])
         convs, norms = [], []
-        cin = in_channels
+        cin = in_channels * (4 if stem == "space_to_depth" else 1)
         for cout in channels:
             convs.append(nnx.Conv(cin, cout, (3, 3), padding="SAME", use_bias=False, dtype=dtype,
                                   kernel_init=nnx.initializers.he_normal(), rngs=rngs))
@@ -154,9 +176,12 @@ class ConvNet(nnx.Module):
         if images.ndim != 4:
             raise ValueError(f"images must have rank 4 [N, H, W, C], got shape {images.shape}")
         x = preprocess_images(images, self.dtype or jnp.float32)
+        folded = self.stem == "space_to_depth"
+        if folded:
+            x = space_to_depth_2x2(x)
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
             x = nnx.relu(norm(conv(x)))
-            if i < self.num_pools:
+            if i < self.num_pools and not (folded and i == 0):
                 x = max_pool_2x2(x, self.pool_padding)
         if self.pooling == "flatten":
             if images.shape[1:3] != (self.input_size, self.input_size):

@@ -107,6 +107,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.embedding_dim = 256  # 128 -> 256: +0.1% R@1 plain (within noise), kept
     c.model.head_norm = ""  # "", "batch" or "layer"
     c.model.pool_padding = "VALID"  # "SAME": keep the odd last row / column (28 px: 7 -> 4 instead of 3)
+    c.model.stem = "conv"  # or "space_to_depth": 2x2 pixel blocks -> channels instead of the first pool
 
     c.loss = ml_collections.ConfigDict()
     c.loss.name = "multi_similarity"  # or "proxy_anchor", "triplet"
@@ -151,6 +152,8 @@ def get_config() -> ml_collections.ConfigDict:
     # pooled backbone features (measured: hurts)
     c.eval.tta_shifts = tuple((dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1))
     c.eval.tta_zooms = (1.0,)
+    # views of the last evaluation only (() = tta_shifts): the 5x5 grid of shifts up to 2 px
+    c.eval.final_tta_shifts = tuple((dr, dc) for dr in range(-2, 3) for dc in range(-2, 3))
     c.eval.feature_weight = 0.0
 
     c.train = ml_collections.ConfigDict()

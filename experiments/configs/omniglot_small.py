@@ -13,6 +13,7 @@ def get_config():
     # kept when the standard config moved to 32 px + elastic distortion, so their seeds stay comparable
     c.data.image_size = 28
     c.augment.elastic_alpha = 0.0
+    c.eval.final_tta_shifts = ()  # the 9 views of eval.tta_shifts at every evaluation, the last too
     c.optim.num_steps = 300
     c.optim.warmup_steps = 30
     c.train.eval_every = 150
