@@ -66,6 +66,10 @@ Trainer flags (all ``--set key=value``; values are Python literals):
   local_weight``): global + second-order-attention local embeddings
   (`dmljax.models.attention`), trained with ``L(global) + local_weight L(local)`` of the
   configured loss; ``loss.name=hybrid_pair_proxy`` gives the abstract's hybrid pair + proxy loss.
+* ``eval.precise_bn_batches=K`` (``eval.precise_bn_batch_size``): evaluate with PreciseBN
+  statistics (Wu & Johnson 2021; `dmljax.train.precise_bn`) of K batches of un-augmented training
+  images instead of the running averages of the augmented training batches; 0 = off.
+  ``eval.final_tta_shifts``: test-time views of the last evaluation only (() = ``eval.tta_shifts``).
 * ``eval.rerank="similarity"``: at the end, `experiments.rerank.rerank_report` re-ranks the test
   kNN lists with a similarity network trained on the training embeddings; its metrics are merged
   into the final table.
@@ -754,6 +758,30 @@ def build_augment(config):
     return functools.partial(_augment, config=aug)
 
 
+def make_eval_state_fn(config, train_images, *, key, average=None):
+    """``state -> state`` applied before every evaluation: the weight average (``average``, e.g.
+    EMA) if any, then, with ``eval.precise_bn_batches > 0``, PreciseBN
+    (`dmljax.train.precise_bn.precise_batch_norm`): the BatchNorm statistics recomputed on that
+    many batches of ``eval.precise_bn_batch_size`` training images as stored, i.e. without the
+    training augmentation (leave it 0 where the stored images are not what the model is evaluated
+    on, e.g. crops of larger stored images)."""
+    e = config.get("eval")
+    batches = int(e.get("precise_bn_batches", 0)) if e is not None else 0
+    if batches < 0:
+        raise ValueError(f"eval.precise_bn_batches must be >= 0, got {batches}")
+    batch_size = min(int(e.get("precise_bn_batch_size", 256)), len(train_images)) if batches else 0
+
+    def for_eval(state):
+        if average is not None:
+            state = average(state)
+        if batches:
+            from dmljax.train.precise_bn import precise_batch_norm
+            state = precise_batch_norm(state, train_images, key=key, num_batches=batches, batch_size=batch_size)
+        return state
+
+    return for_eval
+
+
 def make_embed_fn(config, *, final: bool = False):
     """``embed_fn(state, images, batch_size) -> [N, D]``: plain, or test-time augmented
     (`dmljax.train.tta.embed_tta`) when ``config.eval`` asks for more than the identity view.
@@ -1130,7 +1158,8 @@ def main(argv=None) -> dict[str, float]:
     weight_average = WeightAverage(ema_decay) if ema_decay > 0 else None
     if weight_average is not None:
         step_fn = weight_average.wrap(step_fn)
-    for_eval = weight_average.averaged if weight_average is not None else (lambda s: s)
+    for_eval = make_eval_state_fn(config, images, key=jax.random.fold_in(key, 0xB4),
+                                  average=weight_average.averaged if weight_average is not None else None)
     embed_fn = make_embed_fn(config)
     final_embed_fn = make_embed_fn(config, final=True)
     last_eval: dict = {}

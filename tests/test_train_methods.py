@@ -30,7 +30,7 @@ TOY = ["data.name=toy", "data.image_size=8", "model.channels=(4,8)", "model.num_
        "model.embedding_dim=8", "sampler.classes_per_batch=4", "sampler.samples_per_class=4",
        "optim.num_steps=2", "optim.warmup_steps=1", "train.eval_every=0", "train.checkpoint_every=100",
        "train.log_every=1", "train.final_nmi=False", "train.progress=False", "eval.tta_shifts=((0,0),)",
-       "eval.final_tta_shifts=()"]
+       "eval.final_tta_shifts=()", "eval.precise_bn_batches=0"]
 
 
 def _main(workdir, *sets, resume=False):
@@ -462,3 +462,23 @@ def test_apply_overrides_options_are_free_form():
     assert c.method.options.margin == 0.3 and c.loss.options.mining is False
     with pytest.raises(ValueError, match="unknown config key 'loss.magic'"):
         _config("loss.magic=1")
+
+
+# ----------------------------------------------------------------------------- PreciseBN flag
+def test_precise_bn_flag_evaluates_with_recomputed_statistics(tmp_path):
+    from dmljax.train.precise_bn import precise_batch_norm
+
+    sets = ("eval.precise_bn_batches=2", "eval.precise_bn_batch_size=8")
+    config = _config(*sets)
+    state, _, images, _, _ = _toy_state(config)
+    key = jax.random.key(5)
+    for_eval = T.make_eval_state_fn(config, images, key=key)
+    expected = precise_batch_norm(state, images, key=key, num_batches=2, batch_size=8)
+    assert _max_diff(for_eval(state).batch_stats, expected.batch_stats) == 0
+    assert _max_diff(for_eval(state).batch_stats, state.batch_stats) > 0
+    off = T.make_eval_state_fn(_config("eval.precise_bn_batches=0"), images, key=key)
+    assert off(state) is state
+    with pytest.raises(ValueError, match="^eval.precise_bn_batches"):
+        T.make_eval_state_fn(_config("eval.precise_bn_batches=-1"), images, key=key)
+    final = _main(tmp_path, *sets)
+    _check_finite_run(tmp_path, final)

@@ -13,7 +13,9 @@ def get_config():
     # kept when the standard config moved to 32 px + elastic distortion, so their seeds stay comparable
     c.data.image_size = 28
     c.augment.elastic_alpha = 0.0
-    c.eval.final_tta_shifts = ()  # the 9 views of eval.tta_shifts at every evaluation, the last too
+    c.eval.precise_bn_batches = 0  # running averages, as in the issue 7 / 8 comparisons
+    c.eval.tta_shifts = tuple((dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1))  # 9 views at every
+    c.eval.final_tta_shifts = ()  # evaluation, the last one too
     c.optim.num_steps = 300
     c.optim.warmup_steps = 30
     c.train.eval_every = 150
