@@ -18,7 +18,9 @@ training images):
   same, 2700 steps, eval at 1350 (`python -m experiments.train` at 7afe6da)
                                                     0.8978 / 0.638 / 3.00%   wall 888 s (machine slow again;
      step 1350 plain + PBN 0.8718 / 4.25%)            the same training measured 773 s at 20:10)
-  same, 2500 steps (<- this config)                 DEFAULT2500_PLACEHOLDER
+  same, 2500 steps (<- this config; `python -m experiments.train` at df76b07, machine in its slow
+     state, 3.6 steps/s)                            0.8963 / 0.635 / 2.75%   wall 799 s
+     R@2 0.940, R@4 0.969, R@8 0.982, NMI 0.927; step 1250 (plain + PBN) 0.8718 / 0.569 / 4.25%
   R@1 >= 0.90 is still NOT reached (0.897-0.898); one-shot <= 5% is (2.5-3.5%).
   session-3 default unchanged (32 px, 3000 steps, 9 views)  0.8889 / 0.617 / 3.00%   wall 716 s (was 835 s)
      same checkpoint, eval only: 25v 0.8925; test images at 34 px 0.8924 (9 views), 36 px 0.8893;
