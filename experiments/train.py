@@ -764,20 +764,26 @@ def make_eval_state_fn(config, train_images, *, key, average=None):
     (`dmljax.train.precise_bn.precise_batch_norm`): the BatchNorm statistics recomputed on that
     many batches of ``eval.precise_bn_batch_size`` training images as stored, i.e. without the
     training augmentation (leave it 0 where the stored images are not what the model is evaluated
-    on, e.g. crops of larger stored images)."""
+    on, e.g. crops of larger stored images). The result for the most recent state object is kept,
+    so the final table, re-ranking and the averaged checkpoint reuse the last evaluation's state
+    instead of recomputing the statistics."""
     e = config.get("eval")
     batches = int(e.get("precise_bn_batches", 0)) if e is not None else 0
     if batches < 0:
         raise ValueError(f"eval.precise_bn_batches must be >= 0, got {batches}")
     batch_size = min(int(e.get("precise_bn_batch_size", 256)), len(train_images)) if batches else 0
 
+    last = [None, None]  # (state, result): main() asks again for the state fit() evaluated last
+
     def for_eval(state):
-        if average is not None:
-            state = average(state)
+        if state is last[0]:
+            return last[1]
+        result = state if average is None else average(state)
         if batches:
             from dmljax.train.precise_bn import precise_batch_norm
-            state = precise_batch_norm(state, train_images, key=key, num_batches=batches, batch_size=batch_size)
-        return state
+            result = precise_batch_norm(result, train_images, key=key, num_batches=batches, batch_size=batch_size)
+        last[:] = [state, result]
+        return result
 
     return for_eval
 

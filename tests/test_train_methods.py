@@ -478,6 +478,7 @@ def test_precise_bn_flag_evaluates_with_recomputed_statistics(tmp_path):
     expected = precise_batch_norm(state, images, key=key, num_batches=2, batch_size=8)
     assert _max_diff(for_eval(state).batch_stats, expected.batch_stats) == 0
     assert _max_diff(for_eval(state).batch_stats, state.batch_stats) > 0
+    assert for_eval(state) is for_eval(state)  # the last state's statistics are computed once
     off = T.make_eval_state_fn(_config("eval.precise_bn_batches=0"), images, key=key)
     assert off(state) is state
     with pytest.raises(ValueError, match="^eval.precise_bn_batches"):

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from dmljax._validation import check_key
+from dmljax.methods._common import check_positive_int
 from dmljax.train.state import TrainState, merge_model
 
 __all__ = ["precise_batch_norm"]
@@ -59,14 +60,13 @@ def precise_batch_norm(state: TrainState, images: np.ndarray, *, key: jax.Array,
     check_key(key)
     if np.ndim(images) != 4:
         raise ValueError(f"images must have rank 4 [N, H, W, C], got shape {np.shape(images)}")
-    for name, value in (("num_batches", num_batches), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    num_batches = check_positive_int(num_batches, name="num_batches")
+    batch_size = check_positive_int(batch_size, name="batch_size")
     if batch_size > len(images):
         raise ValueError(f"batch_size ({batch_size}) is larger than the number of images ({len(images)})")
     if state.freeze_batch_norm or not jax.tree.leaves(state.batch_stats):
         return state
-    k = min(int(num_batches), len(images) // batch_size)
+    k = min(num_batches, len(images) // batch_size)
     order = np.asarray(jax.random.permutation(key, len(images)))[:k * batch_size]
     total = None
     for b in range(k):
