@@ -181,21 +181,32 @@ def affine_transform(images: Any, matrix: Any, *, fill: float = 0.0, displacemen
 def gaussian_smooth(fields: Any, *, sigma: float) -> jax.Array:
     """Separable Gaussian filter (std ``sigma`` px, truncated at 3 sigma, zero padding, i.e.
     ``scipy.ndimage.gaussian_filter(mode="constant", truncate=3)``) of each [H, W] plane of
-    ``fields`` [N, H, W]."""
+    ``fields`` [N, H, W].
+
+    Computed as ``G_H @ plane @ G_W^T`` with the banded [H, H] / [W, W] matrices of the
+    truncated kernel: one batched matrix product instead of two single-channel convolutions,
+    which XLA:CPU runs ~100x slower (36 px, 256 planes: 74 ms -> 0.7 ms).
+    """
     sigma = _check_nonnegative(sigma, "sigma")
     if sigma <= 0:
         raise ValueError(f"sigma must be > 0, got {sigma!r}")
     fields = jnp.asarray(fields)
     if fields.ndim != 3:
         raise ValueError(f"fields must have rank 3 [N, H, W], got shape {fields.shape}")
+    _, height, width = fields.shape
+    rows = jnp.asarray(_gaussian_band_matrix(height, sigma), fields.dtype)
+    cols = jnp.asarray(_gaussian_band_matrix(width, sigma), fields.dtype)
+    return jnp.einsum("ij,njk,lk->nil", rows, fields, cols)
+
+
+def _gaussian_band_matrix(size: int, sigma: float) -> np.ndarray:
+    """[size, size] matrix of the normalised Gaussian taps (radius round(3 sigma), at least 1):
+    ``M[i, j] = taps[i - j]`` within the radius, 0 outside (zero padding at the borders)."""
     radius = max(1, int(3 * sigma + 0.5))
     taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
-    taps = jnp.asarray(taps / taps.sum(), fields.dtype)
-    dims = ("NHWC", "HWIO", "NHWC")
-    x = fields[..., None]
-    x = jax.lax.conv_general_dilated(x, taps[:, None, None, None], (1, 1), "SAME", dimension_numbers=dims)
-    x = jax.lax.conv_general_dilated(x, taps[None, :, None, None], (1, 1), "SAME", dimension_numbers=dims)
-    return x[..., 0]
+    taps /= taps.sum()
+    offset = np.arange(size)[:, None] - np.arange(size)[None, :]
+    return np.where(np.abs(offset) <= radius, taps[np.clip(offset + radius, 0, 2 * radius)], 0.0)
 
 
 def elastic_displacement(key: jax.Array, *, batch: int, height: int, width: int, alpha: float,
