@@ -159,6 +159,9 @@ class DataSource:
       eval_set: the unseen-class test protocol.
       channels: image channels (1 for Omniglot, 3 for RGB datasets).
       one_shot_runs: Omniglot's 20 official 20-way runs (`dmljax.data.omniglot`), else None.
+      class_super_labels: int32 [num_classes], the super-class of every training class (Omniglot:
+        its alphabet, per rotation; SOP: its product category), else None; read by
+        ``sampler.name="hierarchical"``.
     """
 
     name: str
@@ -168,6 +171,7 @@ class DataSource:
     eval_set: EvalSet
     channels: int
     one_shot_runs: list | None = None
+    class_super_labels: np.ndarray | None = None
 
     @property
     def images(self):
@@ -224,16 +228,21 @@ def _load_omniglot(config) -> DataSource:
     test = load_omniglot(d.test_split, image_size=d.image_size)
     images, labels = train.images, train.labels.astype(np.int32)
     num_classes = int(labels.max()) + 1
+    alphabet_names = sorted(set(train.alphabets))
+    supers = np.array([alphabet_names.index(a) for a in train.alphabets], np.int32)  # [C]
     rotations = _get(d, "rotation_classes", 1)
     if rotations > 1:
-        # every rotation of a character is a new class (Santoro et al. 2016, Vinyals et al. 2016)
+        # every rotation of a character is a new class (Santoro et al. 2016, Vinyals et al. 2016);
+        # the rotated copies of an alphabet form a super-class of their own
         rotated = [np.rot90(images, k, axes=(1, 2)) for k in range(rotations)]
         images = np.ascontiguousarray(np.concatenate(rotated))
         labels = np.concatenate([labels + k * num_classes for k in range(rotations)])
+        supers = np.concatenate([supers + k * len(alphabet_names) for k in range(rotations)]).astype(np.int32)
         num_classes *= rotations
     runs = load_one_shot_runs(image_size=d.image_size)
     return DataSource("omniglot", images, labels, num_classes,
-                      EvalSet(test.images, test.labels.astype(np.int32)), channels=1, one_shot_runs=runs)
+                      EvalSet(test.images, test.labels.astype(np.int32)), channels=1, one_shot_runs=runs,
+                      class_super_labels=supers)
 
 
 def _tfds_arrays(name: str, split: str, config) -> tuple[np.ndarray, np.ndarray]:
@@ -301,7 +310,16 @@ def _load_folders(kind: str, config) -> DataSource:
     eval_set.ks = tuple(_get(config.data, "eval_ks", eval_set.ks))
     train = splits["train"]
     return DataSource(kind, _lazy(train, config), train.labels.astype(np.int32), train.num_classes,
-                      eval_set, channels=3)
+                      eval_set, channels=3, class_super_labels=_class_super_labels(train))
+
+
+def _class_super_labels(split) -> np.ndarray | None:
+    """int32 [C]: the super-class of each class of an `ImageListDataset` (None without super-classes)."""
+    if split.super_labels is None:
+        return None
+    supers = np.zeros(split.num_classes, np.int32)
+    supers[split.labels] = split.super_labels
+    return supers
 
 
 def load_data_source(config) -> DataSource:

@@ -45,6 +45,11 @@ Trainer flags (all ``--set key=value``; values are Python literals):
   warp, 0 = off; ``model.pool_padding="SAME"`` keeps an odd last row / column when pooling;
   ``model.stem="space_to_depth"`` folds 2x2 pixel blocks into channels in place of the first pool
   (`dmljax.models.convnet.space_to_depth_2x2`).
+* ``sampler.name=hierarchical``: super-class -> class -> item batches
+  (`dmljax.data.samplers.HierarchicalSampler`): ``classes_per_batch / P_s`` super-classes per
+  batch, ``sampler.options.classes_per_super_class`` (P_s, default 4) classes of each, so the
+  negatives of a batch are mostly siblings (Omniglot: characters of the same alphabet, per
+  rotation; SOP: the same product category). Needs a data source with super-classes.
 * ``sampler.name=lifted_hard_negative`` (default ``m_per_class``): the hard-negative batches of
   the lifted structured embedding (Oh Song et al. 2016, Sec. 4;
   `dmljax.train.lifted_pool.LiftedHardNegativeSampler`, a before-step hook + sampler): every
@@ -163,14 +168,16 @@ TOY_TRAIN_CLASSES, TOY_TEST_CLASSES, TOY_PER_CLASS = 8, 4, 8
 
 def _toy_source(config):
     """``data.name="toy"``: `dmljax.train.toy.toy_images` at ``data.image_size``; 8 training
-    classes, 4 unseen test classes (other random patterns), 8 images each."""
+    classes, 4 unseen test classes (other random patterns), 8 images each; training classes
+    2k and 2k + 1 form super-class k (for ``sampler.name=hierarchical``)."""
     from dmljax.train.toy import toy_images
     from experiments.data_sources import DataSource, EvalSet
     size = int(config.data.image_size)
     images, labels = toy_images(config.seed, num_classes=TOY_TRAIN_CLASSES, per_class=TOY_PER_CLASS, size=size)
     test_images, test_labels = toy_images(config.seed + 1, num_classes=TOY_TEST_CLASSES,
                                           per_class=TOY_PER_CLASS, size=size)
-    return DataSource("toy", images, labels, TOY_TRAIN_CLASSES, EvalSet(test_images, test_labels), channels=1)
+    return DataSource("toy", images, labels, TOY_TRAIN_CLASSES, EvalSet(test_images, test_labels), channels=1,
+                      class_super_labels=np.arange(TOY_TRAIN_CLASSES, dtype=np.int32) // 2)
 
 
 def _grey_convnet_data(config) -> bool:
@@ -181,22 +188,9 @@ def load_data(config):
     if config.data.name == "toy":
         source = _toy_source(config)
         return source.train_images, source.train_labels, source.num_classes, source, None
-    if config.data.name != "omniglot":  # CUB / Cars (TFDS), SOP, In-shop, image folders
-        from experiments.data_sources import load_data_source
-        source = load_data_source(config)  # stands in for `test` (.images / .labels = the test set)
-        return source.train_images, source.train_labels, source.num_classes, source, None
-    from dmljax.data.omniglot import load_omniglot, load_one_shot_runs
-    train = load_omniglot(config.data.train_split, image_size=config.data.image_size)
-    test = load_omniglot(config.data.test_split, image_size=config.data.image_size)
-    images, labels = train.images, train.labels.astype(np.int32)
-    num_classes = int(labels.max()) + 1
-    if config.data.rotation_classes > 1:
-        rotated = [np.rot90(images, k, axes=(1, 2)) for k in range(config.data.rotation_classes)]
-        images = np.ascontiguousarray(np.concatenate(rotated))
-        labels = np.concatenate([labels + k * num_classes for k in range(config.data.rotation_classes)])
-        num_classes *= config.data.rotation_classes
-    runs = load_one_shot_runs(image_size=config.data.image_size)
-    return images, labels, num_classes, test, runs
+    from experiments.data_sources import load_data_source
+    source = load_data_source(config)  # stands in for `test` (.images / .labels = the test set)
+    return source.train_images, source.train_labels, source.num_classes, source, source.one_shot_runs
 
 
 def add_label_noise(config, labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -944,29 +938,67 @@ def format_table(metrics: dict[str, float]) -> str:
 
 
 # ----------------------------------------------------------------------------- state
-def build_sampler(config, labels):
-    """`MPerClassSampler`, or `RepeatedCompositionSampler` for ``method.name=alternating_projection``
-    (batches repeated ``method.options.repeat`` (T, default 5) times, the first
-    ``representatives_per_class`` items of each class fixed over the T steps)."""
-    from dmljax.data.samplers import MPerClassSampler, RepeatedCompositionSampler
+def build_sampler(config, labels, *, class_super_labels=None):
+    """The batch sampler of ``config.sampler`` over ``labels`` (int [N]).
+
+    `MPerClassSampler` (``m_per_class``); `HierarchicalSampler` for ``sampler.name=hierarchical``
+    (``class_super_labels``: int [num_classes], the super-class of each class, from the data
+    source; see `hierarchical_sampler_options`); `RepeatedCompositionSampler` for
+    ``method.name=alternating_projection`` (batches repeated ``method.options.repeat`` (T, default
+    5) times, the first ``representatives_per_class`` items of each class fixed over the T steps).
+    ``lifted_hard_negative`` starts from the class-balanced sampler (`build_lifted_sampler`)."""
+    from dmljax.data.samplers import HierarchicalSampler, MPerClassSampler, RepeatedCompositionSampler
     s = config.sampler
     m = _section(config, "method", name="none", options={})
+    hierarchical = hierarchical_sampler_options(config)
     if m.name == "alternating_projection":
         opts = dict(m.options or {})
         return RepeatedCompositionSampler(labels, classes_per_batch=s.classes_per_batch,
                                           samples_per_class=s.samples_per_class, repeat=int(opts.get("repeat", 5)),
                                           representatives_per_class=opts.get("representatives_per_class"),
                                           seed=config.seed)
+    if hierarchical is not None:
+        if class_super_labels is None:
+            raise ValueError(f"sampler.name='hierarchical' needs super-classes; data.name={config.data.name!r} "
+                             "has none (Omniglot: alphabets; SOP: product categories)")
+        supers = np.asarray(class_super_labels)[np.asarray(labels)]
+        return HierarchicalSampler(labels, supers, samples_per_class=s.samples_per_class, seed=config.seed,
+                                   **hierarchical)
     return MPerClassSampler(labels, classes_per_batch=s.classes_per_batch,
                             samples_per_class=s.samples_per_class, seed=config.seed)
 
 
-SAMPLERS = ("m_per_class", "lifted_hard_negative")
+def hierarchical_sampler_options(config) -> dict | None:
+    """``sampler.name=hierarchical``: ``{"super_classes_per_batch": S, "classes_per_super_class": P_s}``
+    (None for the other samplers). ``sampler.options.classes_per_super_class`` (default 4) must
+    divide ``sampler.classes_per_batch`` (P); S = P / P_s super-classes per batch, each giving
+    P_s of its classes (hard negatives: Omniglot characters of one alphabet). ValueError naming
+    the option otherwise."""
+    s = _section(config, "sampler", name="m_per_class", options={})
+    if s.name != "hierarchical":
+        return None
+    opts = dict(s.options or {})
+    unknown = sorted(set(opts) - {"classes_per_super_class"})
+    if unknown:
+        raise ValueError(f"sampler.options: {unknown} are not options of hierarchical "
+                         "(options: ['classes_per_super_class'])")
+    if _section(config, "method", name="none", options={}).name == "alternating_projection":
+        raise ValueError("sampler.name='hierarchical' cannot be combined with "
+                         "method.name='alternating_projection' (which fixes its own batch composition)")
+    per_super = check_positive_int(opts.get("classes_per_super_class", 4), name="sampler.options.classes_per_super_class")
+    classes = int(config.sampler.classes_per_batch)
+    if classes % per_super:
+        raise ValueError(f"sampler.options.classes_per_super_class ({per_super}) must divide "
+                         f"sampler.classes_per_batch ({classes})")
+    return {"super_classes_per_batch": classes // per_super, "classes_per_super_class": per_super}
+
+
+SAMPLERS = ("m_per_class", "lifted_hard_negative", "hierarchical")
 _LIFTED_OPTIONS = ("num_pairs", "negatives_per_pair", "pool_size", "refresh_every")
 
 
 def lifted_sampler_options(config, *, num_train: int, steps_per_epoch: int) -> dict | None:
-    """``sampler.name=lifted_hard_negative``: its resolved options (None for ``m_per_class``).
+    """``sampler.name=lifted_hard_negative``: its resolved options (None for the other samplers).
 
     ``sampler.options``: ``num_pairs`` (P) and ``negatives_per_pair`` (K) with P (2 + K) = the
     configured batch size ``classes_per_batch * samples_per_class`` (B); given one, the other
@@ -978,7 +1010,10 @@ def lifted_sampler_options(config, *, num_train: int, steps_per_epoch: int) -> d
     opts = dict(s.options or {})
     if s.name == "m_per_class":
         if opts:
-            raise ValueError(f"sampler.options {sorted(opts)} given without sampler.name='lifted_hard_negative'")
+            raise ValueError(f"sampler.options {sorted(opts)} given with sampler.name='m_per_class', which has none")
+        return None
+    if s.name == "hierarchical":
+        hierarchical_sampler_options(config)
         return None
     unknown = sorted(set(opts) - set(_LIFTED_OPTIONS))
     if unknown:
@@ -1151,7 +1186,7 @@ def main(argv=None) -> dict[str, float]:
     key = jax.random.key(config.seed)
     _, k_train = jax.random.split(key)
     o = config.optim
-    sampler = build_sampler(config, labels)
+    sampler = build_sampler(config, labels, class_super_labels=getattr(test, "class_super_labels", None))
     d = _section(config, "distill", teacher="", weight=1.0)
     teacher = None
     if d.teacher:

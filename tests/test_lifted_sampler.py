@@ -151,7 +151,7 @@ def test_bad_options_raise_naming_the_option():
     assert options(*LIFTED, "sampler.options.num_pairs=4")["negatives_per_pair"] == 2
     assert options(*LIFTED, "sampler.options.negatives_per_pair=2")["num_pairs"] == 4
     cases = [(("sampler.name=hardest",), "^sampler.name"),
-             (("sampler.options.pool_size=8",), r"^sampler.options \['pool_size'\] given without"),
+             (("sampler.options.pool_size=8",), r"^sampler.options \['pool_size'\] given with sampler.name='m_per_class'"),
              ((*LIFTED, "sampler.options.pool=8"), r"^sampler.options: \['pool'\]"),
              ((*LIFTED, "sampler.options.num_pairs=3"), "^sampler.options.num_pairs"),
              ((*LIFTED, "sampler.options.num_pairs=0"), "^sampler.options.num_pairs must be a positive"),
