@@ -30,7 +30,7 @@ TOY = ["data.name=toy", "data.image_size=8", "model.channels=(4,8)", "model.num_
        "model.embedding_dim=8", "sampler.classes_per_batch=4", "sampler.samples_per_class=4",
        "optim.num_steps=2", "optim.warmup_steps=1", "train.eval_every=0", "train.checkpoint_every=100",
        "train.log_every=1", "train.final_nmi=False", "train.progress=False", "eval.tta_shifts=((0,0),)",
-       "eval.final_tta_shifts=()", "eval.precise_bn_batches=0"]
+       "eval.final_tta_shifts=()", "eval.precise_bn_batches=0", "sampler.name=m_per_class"]
 
 
 def _main(workdir, *sets, resume=False):

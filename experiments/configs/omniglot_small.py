@@ -13,6 +13,7 @@ def get_config():
     # kept when the standard config moved to 32 px + elastic distortion, so their seeds stay comparable
     c.data.image_size = 28
     c.augment.elastic_alpha = 0.0
+    c.sampler.name = "m_per_class"  # random classes, as in the issue 7 / 8 comparisons
     c.eval.precise_bn_batches = 0  # running averages, as in the issue 7 / 8 comparisons
     c.eval.tta_shifts = tuple((dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1))  # 9 views at every
     c.eval.final_tta_shifts = ()  # evaluation, the last one too
