@@ -85,6 +85,9 @@ Trainer flags (all ``--set key=value``; values are Python literals):
 XLA:CPU: ``main`` adds ``--xla_cpu_experimental_ynn_fusion_type=`` to ``XLA_FLAGS`` before the
 backend starts (`dmljax.train.xla_cpu.use_fast_cpu_flags`: the conv-net step ~1.2-1.4x faster on
 CPU with jaxlib 0.10; skipped when ``XLA_FLAGS`` already sets it or ``DMLJAX_DEFAULT_XLA_FLAGS=0``).
+``python -m experiments.train`` also makes glibc keep freed host memory mapped
+(`dmljax.train.xla_cpu.keep_freed_host_memory`: no per-step ``mmap`` / page faults for XLA's
+temporary buffers; the process keeps its peak memory; opt out ``DMLJAX_KEEP_HOST_MEMORY=0``).
 
 Multi-device: ``--set train.data_parallel=True`` shards each global batch over all local
 devices with ``jax.shard_map`` (see `dmljax.train.step.make_parallel_train_step`). Multi-host:
@@ -124,7 +127,7 @@ from dmljax.train.loop import KMeansReclustering, fit
 from dmljax.train.optim import make_optimizer
 from dmljax.train.state import create_train_state
 from dmljax.train.step import data_mesh, embed, make_parallel_train_step, train_step
-from dmljax.train.xla_cpu import use_fast_cpu_flags
+from dmljax.train.xla_cpu import keep_freed_host_memory, use_fast_cpu_flags
 from experiments.configs import get_config
 
 
@@ -1279,4 +1282,7 @@ def main(argv=None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
+    # the command-line process only (not a notebook or pytest calling main): glibc keeps the
+    # per-step XLA:CPU buffers mapped (dmljax.train.xla_cpu; opt out: DMLJAX_KEEP_HOST_MEMORY=0)
+    keep_freed_host_memory()
     main()

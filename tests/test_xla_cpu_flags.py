@@ -70,3 +70,46 @@ def test_flag_reaches_the_compiler(opt_out):
     added, ynn = out.stdout.split()
     # with the flag the convolution is no YNNPACK fusion; without it (the jaxlib default) it is
     assert (added, ynn) == (("False", "True") if opt_out else ("True", "False"))
+
+
+# a worker thread allocates, touches and frees 96 MB four times (what XLA:CPU does with its
+# temporary buffers every step); minor page faults of rounds 2-4
+_ALLOC_PROBE = textwrap.dedent("""
+    import ctypes, resource, sys, threading
+    from dmljax.train.xla_cpu import keep_freed_host_memory
+    kept = keep_freed_host_memory()
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+    libc.free.argtypes = (ctypes.c_void_p,)
+    size, faults = 96 << 20, []
+
+    def rounds():
+        for _ in range(4):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            p = libc.malloc(size)
+            ctypes.memset(p, 1, size)
+            libc.free(p)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+
+    t = threading.Thread(target=rounds)
+    t.start(); t.join()
+    print(kept, sum(faults[1:]))
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_keep_freed_host_memory_stops_refaulting():
+    out = {}
+    for opt_out in (False, True):
+        env = dict(os.environ)
+        env.pop("DMLJAX_KEEP_HOST_MEMORY", None)
+        if opt_out:
+            env["DMLJAX_KEEP_HOST_MEMORY"] = "0"
+        res = subprocess.run([sys.executable, "-c", _ALLOC_PROBE], capture_output=True, text=True, env=env,
+                             timeout=120, check=True)
+        kept, faults = res.stdout.split()
+        out[opt_out] = (kept == "True", int(faults))
+    assert out[True][0] is False and out[False][0] is True
+    pages = 3 * (96 << 20) // 4096  # rounds 2-4 without reuse: every page faults again
+    assert out[True][1] > pages // 2, out
+    assert out[False][1] < pages // 20, out

@@ -11,6 +11,13 @@ is added only for the jaxlib minor versions it was measured on.
 
 Flags are read once, when the first backend starts: call :func:`use_fast_cpu_flags` before
 anything touches a device (the training CLI does it first thing in ``main``).
+
+:func:`keep_freed_host_memory` is the allocator side: every XLA:CPU execution of the 36 px
+Omniglot step takes ~180 MB of temporary buffers from worker threads, which glibc serves with
+fresh ``mmap`` pages and returns with ``munmap`` each step (~21k page faults and ~45 ms of
+kernel time per step). One never-trimmed heap keeps those pages mapped (``mallopt``: one arena,
+no ``mmap``, no trimming): page faults per step ~25x fewer, the trainer's system time
+203 s -> see `experiments/results/performance.md` section 6.
 """
 
 from __future__ import annotations
@@ -18,12 +25,16 @@ from __future__ import annotations
 import os
 from typing import MutableMapping
 
-__all__ = ["FAST_CPU_FLAGS", "TESTED_JAXLIB_VERSIONS", "use_fast_cpu_flags"]
+__all__ = ["FAST_CPU_FLAGS", "TESTED_JAXLIB_VERSIONS", "use_fast_cpu_flags", "keep_freed_host_memory"]
 
 FAST_CPU_FLAGS: tuple[str, ...] = ("--xla_cpu_experimental_ynn_fusion_type=",)
 # jaxlib "major.minor" prefixes on which FAST_CPU_FLAGS exist and were measured to help
 TESTED_JAXLIB_VERSIONS: tuple[str, ...] = ("0.10",)
 OPT_OUT_VARIABLE = "DMLJAX_DEFAULT_XLA_FLAGS"
+HOST_MEMORY_OPT_OUT_VARIABLE = "DMLJAX_KEEP_HOST_MEMORY"
+# glibc <malloc.h> mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_NEVER_TRIM = 2**31 - 1
 
 
 def _jaxlib_minor() -> str:
@@ -53,7 +64,7 @@ def use_fast_cpu_flags(*, environ: MutableMapping[str, str] | None = None, jaxli
     env = os.environ if environ is None else environ
     if environ is None and _backend_started():
         return False  # too late to matter; leave the process environment alone
-    if env.get(OPT_OUT_VARIABLE, "1").strip().lower() in ("0", "false", "no", "off"):
+    if _opted_out(env, OPT_OUT_VARIABLE):
         return False
     minor = ".".join((jaxlib_version or _jaxlib_minor()).split(".")[:2])
     if minor not in TESTED_JAXLIB_VERSIONS:
@@ -64,3 +75,37 @@ def use_fast_cpu_flags(*, environ: MutableMapping[str, str] | None = None, jaxli
         return False
     env["XLA_FLAGS"] = " ".join([current.strip(), *missing]).strip()
     return True
+
+
+def _opted_out(env: MutableMapping[str, str], variable: str) -> bool:
+    return env.get(variable, "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def keep_freed_host_memory(*, environ: MutableMapping[str, str] | None = None) -> bool:
+    """Make glibc's ``malloc`` keep freed memory mapped for reuse (Linux / glibc only).
+
+    ``mallopt(M_ARENA_MAX, 1)``, ``mallopt(M_MMAP_MAX, 0)`` and ``mallopt(M_TRIM_THRESHOLD,
+    2**31 - 1)``: all threads allocate from the main heap, large blocks come from it instead of
+    their own ``mmap`` (a thread arena would still ``mmap`` blocks above its 64 MB heap), and
+    the heap is not given back to the kernel when its top is free. The per-step temporary
+    buffers of XLA:CPU are then reused pages instead of fresh zero-filled ones. The cost: the
+    process's resident memory stays at its peak. Call it before the backend starts (threads
+    created earlier keep their arenas).
+
+    Returns False, changing nothing, when ``DMLJAX_KEEP_HOST_MEMORY=0`` is set in ``environ``
+    (default ``os.environ``) or the C library has no ``mallopt`` (not glibc); True otherwise.
+    """
+    env = os.environ if environ is None else environ
+    if _opted_out(env, HOST_MEMORY_OPT_OUT_VARIABLE):
+        return False
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return all(mallopt(param, value) == 1 for param, value in
+               ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER_TRIM)))
