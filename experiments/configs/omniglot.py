@@ -20,6 +20,8 @@ Session 5 (2026-11-23, idle 2-core CPU; R@1 / MAP@R / one-shot):
      off late in training)
   hierarchical 4x4, 3500 steps, new step (<- this config) 0.9036 / 0.657 / 2.00%   wall 751 s
      (step 1750, plain + PBN: 0.8791 / 0.592 / 4.00%; R@2 0.946, R@4 0.969, R@8 0.982, NMI 0.930)
+  same config, seed=1                                     0.9027 / 0.653 / 2.75%   wall 706 s
+     (step 1750: 0.8748 / 0.592 / 3.75%)
   `python -m experiments.train` at 49213fc: the same figures (deterministic), wall 831 s; at
   0906c9e (+ keep_freed_host_memory: kernel time 203 -> 22 s): the same figures, wall 737 s
 
