@@ -228,8 +228,8 @@ def _load_omniglot(config) -> DataSource:
     test = load_omniglot(d.test_split, image_size=d.image_size)
     images, labels = train.images, train.labels.astype(np.int32)
     num_classes = int(labels.max()) + 1
-    alphabet_names = sorted(set(train.alphabets))
-    supers = np.array([alphabet_names.index(a) for a in train.alphabets], np.int32)  # [C]
+    supers = train.class_alphabet_labels  # [C]
+    num_alphabets = len(set(train.alphabets))
     rotations = _get(d, "rotation_classes", 1)
     if rotations > 1:
         # every rotation of a character is a new class (Santoro et al. 2016, Vinyals et al. 2016);
@@ -237,7 +237,7 @@ def _load_omniglot(config) -> DataSource:
         rotated = [np.rot90(images, k, axes=(1, 2)) for k in range(rotations)]
         images = np.ascontiguousarray(np.concatenate(rotated))
         labels = np.concatenate([labels + k * num_classes for k in range(rotations)])
-        supers = np.concatenate([supers + k * len(alphabet_names) for k in range(rotations)]).astype(np.int32)
+        supers = np.concatenate([supers + k * num_alphabets for k in range(rotations)]).astype(np.int32)
         num_classes *= rotations
     runs = load_one_shot_runs(image_size=d.image_size)
     return DataSource("omniglot", images, labels, num_classes,

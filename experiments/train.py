@@ -985,15 +985,19 @@ def hierarchical_sampler_options(config) -> dict | None:
     if unknown:
         raise ValueError(f"sampler.options: {unknown} are not options of hierarchical "
                          "(options: ['classes_per_super_class'])")
-    if _section(config, "method", name="none", options={}).name == "alternating_projection":
-        raise ValueError("sampler.name='hierarchical' cannot be combined with "
-                         "method.name='alternating_projection' (which fixes its own batch composition)")
+    _check_not_alternating_projection(config, sampler="hierarchical")
     per_super = check_positive_int(opts.get("classes_per_super_class", 4), name="sampler.options.classes_per_super_class")
     classes = int(config.sampler.classes_per_batch)
     if classes % per_super:
         raise ValueError(f"sampler.options.classes_per_super_class ({per_super}) must divide "
                          f"sampler.classes_per_batch ({classes})")
     return {"super_classes_per_batch": classes // per_super, "classes_per_super_class": per_super}
+
+
+def _check_not_alternating_projection(config, *, sampler: str) -> None:
+    if _section(config, "method", name="none", options={}).name == "alternating_projection":
+        raise ValueError(f"sampler.name={sampler!r} cannot be combined with "
+                         "method.name='alternating_projection' (which fixes its own batch composition)")
 
 
 SAMPLERS = ("m_per_class", "lifted_hard_negative", "hierarchical")
@@ -1015,17 +1019,13 @@ def lifted_sampler_options(config, *, num_train: int, steps_per_epoch: int) -> d
         if opts:
             raise ValueError(f"sampler.options {sorted(opts)} given with sampler.name='m_per_class', which has none")
         return None
-    if s.name == "hierarchical":
-        hierarchical_sampler_options(config)
+    if s.name == "hierarchical":  # its options are checked by build_sampler
         return None
     unknown = sorted(set(opts) - set(_LIFTED_OPTIONS))
     if unknown:
         raise ValueError(f"sampler.options: {unknown} are not options of lifted_hard_negative "
                          f"(options: {list(_LIFTED_OPTIONS)})")
-    m = _section(config, "method", name="none", options={})
-    if m.name == "alternating_projection":
-        raise ValueError("sampler.name='lifted_hard_negative' cannot be combined with "
-                         "method.name='alternating_projection' (which fixes its own batch composition)")
+    _check_not_alternating_projection(config, sampler="lifted_hard_negative")
 
     def positive(name, default=None):
         v = opts.get(name, default)
@@ -1189,7 +1189,7 @@ def main(argv=None) -> dict[str, float]:
     key = jax.random.key(config.seed)
     _, k_train = jax.random.split(key)
     o = config.optim
-    sampler = build_sampler(config, labels, class_super_labels=getattr(test, "class_super_labels", None))
+    sampler = build_sampler(config, labels, class_super_labels=test.class_super_labels)
     d = _section(config, "distill", teacher="", weight=1.0)
     teacher = None
     if d.teacher:

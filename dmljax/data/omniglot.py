@@ -91,11 +91,15 @@ class OmniglotData:
         return len(self.characters)
 
     @property
+    def class_alphabet_labels(self) -> np.ndarray:
+        """int32 [C]: the alphabet id of each class (index into ``sorted(set(alphabets))``)."""
+        names = sorted(set(self.alphabets))
+        return np.array([names.index(a) for a in self.alphabets], dtype=np.int32)
+
+    @property
     def alphabet_labels(self) -> np.ndarray:
         """int32 [N]: the alphabet id of each image (index into ``sorted(set(alphabets))``)."""
-        names = sorted(set(self.alphabets))
-        of_class = np.array([names.index(a) for a in self.alphabets], dtype=np.int32)
-        return of_class[self.labels]
+        return self.class_alphabet_labels[self.labels]
 
 
 class OneShotRun(NamedTuple):
