@@ -101,3 +101,15 @@ def test_bad_labels():
         multi_supcon_loss(x, np.zeros(len(x), np.int32))
     with pytest.raises(ValueError, match="multi_hot"):
         multi_supcon_loss(x, y[:-1])
+
+
+def test_one_hot_labels_equal_pml_supcon():
+    torch = pytest.importorskip("torch")
+    from pytorch_metric_learning.losses import SupConLoss
+
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(12, 5))
+    labels = rng.integers(0, 4, size=12)
+    expected = float(SupConLoss(temperature=0.2)(torch.tensor(x), torch.tensor(labels)).detach())
+    y = np.eye(4, dtype=np.int32)[labels]
+    np.testing.assert_allclose(multi_supcon_loss(x, y, temperature=0.2), expected, rtol=1e-6)
