@@ -14,6 +14,8 @@ needs the embeddings, not the backbone's activations. So the gradient of
   3. per chunk, recompute the forward pass and back-propagate g_i   sum_i (de_i / dtheta)^T g_i
      (``jax.vjp`` per chunk inside ``lax.scan``: one chunk's activations at a time).
 
+Steps 1 and 3 are ``lax.scan`` loops over the chunks, so the chunks run one after the other.
+
 The result equals ``jax.grad`` of the loss on the unchunked batch (to float rounding) whenever
 the chunked forward pass computes the same embeddings, at the price of a second forward pass
 (about +30 to +50% step time for a conv-net: 2 forward + 1 backward instead of 1 + 1). Peak
@@ -86,6 +88,7 @@ def grad_cache_value_and_grad(
     *,
     chunk_size: int,
     axis_name: str | None = None,
+    unroll: int | bool = 1,
 ) -> tuple[jax.Array, Any, tuple[Any, tuple], jax.Array, jax.Array]:
     """Loss and gradients of ``loss_fn(embed(images), labels, *loss_params)`` by gradient caching.
 
@@ -102,6 +105,13 @@ def grad_cache_value_and_grad(
       chunk_size: items per chunk (static), must divide B_local; activations of one chunk are
         in memory at a time.
       axis_name: mesh axis of the data-parallel ``jax.shard_map`` (None: one device).
+      unroll: ``lax.scan``'s unroll of the two loops over chunks. 1 (default) runs the chunks
+        strictly one after the other, which is what bounds the memory. ``True`` unrolls them:
+        XLA then schedules the chunks itself (no memory guarantee), worth it on CPU, where XLA's
+        while loops run conv-nets several times slower than straight-line code (measured on
+        XLA:CPU, jaxlib 0.10.2, in a quick check on a loaded 2-core machine: a 4-chunk conv-net
+        backward ~4x), and CPU memory is rarely the
+        limit. GPU/TPU loops have no such cost: keep 1 there.
     Returns:
       ``(loss, aux, (model_grads, loss_grads), embeddings, embedding_grads)``: the global-batch
       loss; ``aux`` averaged over chunks (leaf-wise mean); the gradients (replicated under
@@ -122,7 +132,8 @@ def grad_cache_value_and_grad(
 
     # 1. embeddings, chunk by chunk, no differentiation (nothing of the forward pass is kept)
     frozen = jax.lax.stop_gradient(model_params)
-    emb_chunks, aux_chunks = jax.lax.map(lambda c: embed_fn(frozen, c), chunks)
+    _, (emb_chunks, aux_chunks) = jax.lax.scan(lambda _, c: (None, embed_fn(frozen, c)), None, chunks,
+                                               unroll=unroll)
     emb = jnp.reshape(emb_chunks, (batch,) + emb_chunks.shape[2:])
     aux = jax.tree.map(lambda a: jnp.mean(a, axis=0), aux_chunks)
 
@@ -153,7 +164,7 @@ def grad_cache_value_and_grad(
         return jax.tree.map(jnp.add, total, grads), None
 
     zeros = jax.tree.map(jnp.zeros_like, params_local)
-    model_grads, _ = jax.lax.scan(backward, zeros, (chunks, grad_chunks))
+    model_grads, _ = jax.lax.scan(backward, zeros, (chunks, grad_chunks), unroll=unroll)
     if axis_name is not None:
         model_grads = jax.tree.map(lambda g: jax.lax.psum(g, axis_name), model_grads)
     return loss, aux, (model_grads, loss_grads), emb, emb_grad
@@ -174,7 +185,7 @@ def state_embed_fn(state: TrainState, *, train: bool = True, batch_norm_axis_nam
 
 
 def _cached_step(state: TrainState, batch: dict, key: jax.Array, *, chunk_size: int, axis_name: str | None,
-                 sync_batch_norm: bool) -> tuple[TrainState, dict]:
+                 sync_batch_norm: bool, unroll: int | bool = 1) -> tuple[TrainState, dict]:
     if state.method_fn is not None:
         raise ValueError("grad_cache_train_step supports a state with loss_fn, not method_fn")
     if not isinstance(batch, dict) or "images" not in batch or "labels" not in batch:
@@ -186,7 +197,7 @@ def _cached_step(state: TrainState, batch: dict, key: jax.Array, *, chunk_size: 
     embed_fn = state_embed_fn(state, train=True, batch_norm_axis_name=axis_name if sync_batch_norm else None)
     loss, new_stats, (model_grads, loss_grads), emb, emb_grad = grad_cache_value_and_grad(
         embed_fn, state.loss_fn, state.params["model"], state.params["loss"], images, labels,
-        chunk_size=chunk_size, axis_name=axis_name)
+        chunk_size=chunk_size, axis_name=axis_name, unroll=unroll)
     grads = {"model": model_grads, "loss": loss_grads}
     if state.freeze_batch_norm:
         new_stats = state.batch_stats
@@ -207,8 +218,8 @@ def _cached_step(state: TrainState, batch: dict, key: jax.Array, *, chunk_size: 
     return new_state, metrics
 
 
-def grad_cache_train_step(state: TrainState, batch: dict, key: jax.Array, *, chunk_size: int
-                          ) -> tuple[TrainState, dict]:
+def grad_cache_train_step(state: TrainState, batch: dict, key: jax.Array, *, chunk_size: int,
+                          unroll: int | bool = 1) -> tuple[TrainState, dict]:
     """`dmljax.train.step.train_step` with the gradient computed by gradient caching (one device).
 
     Same state, batch, metrics and update as ``train_step`` (``loss_fn`` states; a stateful
@@ -217,16 +228,17 @@ def grad_cache_train_step(state: TrainState, batch: dict, key: jax.Array, *, chu
     float tolerance; with BN in train mode, BN sees chunks (module docstring). Wrap in
     ``jax.jit(functools.partial(grad_cache_train_step, chunk_size=...))``.
     """
-    return _cached_step(state, batch, key, chunk_size=chunk_size, axis_name=None, sync_batch_norm=False)
+    return _cached_step(state, batch, key, chunk_size=chunk_size, axis_name=None, sync_batch_norm=False,
+                        unroll=unroll)
 
 
 def make_parallel_grad_cache_train_step(mesh: Mesh, *, chunk_size: int, axis_name: str = "data",
-                                        sync_batch_norm: bool = True):
+                                        sync_batch_norm: bool = True, unroll: int | bool = 1):
     """Data-parallel `grad_cache_train_step` over the 1-D ``mesh`` (jitted), as
     `dmljax.train.step.make_parallel_train_step`: ``chunk_size`` divides the per-device batch
     ``B / num_devices``; mining and the loss see the all-gathered global batch."""
     if axis_name not in mesh.axis_names:
         raise ValueError(f"axis_name {axis_name!r} is not an axis of the mesh {mesh.axis_names}")
     body = functools.partial(_cached_step, chunk_size=chunk_size, axis_name=axis_name,
-                             sync_batch_norm=sync_batch_norm)
+                             sync_batch_norm=sync_batch_norm, unroll=unroll)
     return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(axis_name), P()), out_specs=(P(), P())))

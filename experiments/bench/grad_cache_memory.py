@@ -105,7 +105,8 @@ def measure(args, batch: int, mode: str) -> dict[str, Any]:
     model = _model(args.model, embedding_dim=args.embedding_dim, dtype=dtype, in_channels=args.channels,
                    width=args.width)
     state = create_train_state(model, optax.adam(1e-4), _loss(args.loss))
-    step = train_step if mode == "direct" else functools.partial(grad_cache_train_step, chunk_size=args.chunk_size)
+    step = train_step if mode == "direct" else functools.partial(grad_cache_train_step, chunk_size=args.chunk_size,
+                                                                 unroll=True if args.unroll else 1)
     jitted = jax.jit(step, donate_argnums=0)
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(batch // args.per_class + 1), args.per_class)[:batch].astype(np.int32)
@@ -152,6 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--steps", type=int, default=5, help="timed steps per row (0: memory only)")
     parser.add_argument("--modes", default="direct,cached")
+    parser.add_argument("--unroll", action="store_true",
+                        help="unroll the loops over chunks (faster on CPU, no memory bound: see grad_cache)")
     parser.add_argument("--out", default=None, help="JSON output path")
     args = parser.parse_args(argv)
     if args.chunk_size < 1:

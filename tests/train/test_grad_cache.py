@@ -75,9 +75,9 @@ def _direct(state, images, labels, chunk_size=None):
     return jax.jit(jax.value_and_grad(objective))(state.params)
 
 
-def _cached(state, images, labels, chunk_size):
+def _cached(state, images, labels, chunk_size, unroll=1):
     fn = jax.jit(lambda p, lp, x, y: grad_cache_value_and_grad(
-        state_embed_fn(state, train=True), state.loss_fn, p, lp, x, y, chunk_size=chunk_size))
+        state_embed_fn(state, train=True), state.loss_fn, p, lp, x, y, chunk_size=chunk_size, unroll=unroll))
     loss, _, (gm, gl), _, _ = fn(state.params["model"], state.params["loss"], images, labels)
     return loss, {"model": gm, "loss": gl}
 
@@ -135,6 +135,14 @@ def test_train_mode_bn_one_chunk_equals_full_batch_and_chunks_differ():
     _assert_close(one, grads, grads)
     _, four = _cached(state, images, labels, chunk_size=4)
     assert max_tree_diff(four, grads) > 1e-6  # per-chunk BN statistics: a different model (documented)
+
+
+def test_unrolled_loops_give_the_same_gradient():
+    state = _state("convnet", "batch_hard_triplet", freeze=False)
+    images, labels = _images("convnet")
+    _, grads = _direct(state, images, labels, chunk_size=4)
+    _, unrolled = _cached(state, images, labels, chunk_size=4, unroll=True)
+    _assert_close(unrolled, grads, grads)
 
 
 def test_batch_stats_are_mean_of_chunk_updates():
