@@ -63,8 +63,8 @@ from dmljax.train.state import TrainState, merge_model
 from dmljax.train.step import embedding_metrics
 
 __all__ = [
-    "grad_cache_value_and_grad",
     "grad_cache_train_step",
+    "grad_cache_value_and_grad",
     "make_parallel_grad_cache_train_step",
     "state_embed_fn",
 ]

@@ -25,8 +25,7 @@ def reference(x, labels, w, counts, a=0.5, b=0.05, lam=0.25, scale=64.0):
     for i, y in enumerate(labels):
         cos = []
         for j in range(len(counts)):
-            wj = w[j] if w.ndim == 2 else w[j]
-            wj = np.atleast_2d(wj)
+            wj = np.atleast_2d(w[j])  # [D] or [K, D] sub-centers
             wn = wj / np.linalg.norm(wj, axis=1, keepdims=True)
             cos.append(np.max(wn @ xn[i]))
         cos = np.array(cos)

@@ -32,7 +32,7 @@ def _numpy_contrastive(x, labels, neg_margin=1.0):
                 pos.append(d[i, j])
             elif labels[i] != labels[j]:
                 neg.append(max(neg_margin - d[i, j], 0.0))
-    mean_nz = lambda v: np.mean([u for u in v if u > 0]) if any(u > 0 for u in v) else 0.0  # noqa: E731
+    mean_nz = lambda v: np.mean([u for u in v if u > 0]) if any(u > 0 for u in v) else 0.0
     return mean_nz(pos) + mean_nz(neg)
 
 

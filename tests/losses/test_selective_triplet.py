@@ -35,7 +35,8 @@ def reference(x, labels, positive_mining="easy", base_loss="nca", temperature=0.
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_matches_numpy_loop(positive_mining, base_loss, seed):
     x, labels = random_batch(seed, batch=12, dim=3, classes=3, normalize=False)
-    kw = dict(positive_mining=positive_mining, base_loss=base_loss, temperature=0.2, margin=0.3, penalty=0.7)
+    kw = {"positive_mining": positive_mining, "base_loss": base_loss, "temperature": 0.2, "margin": 0.3,
+          "penalty": 0.7}
     got = assert_jit_matches(sct, x, labels, **kw)
     np.testing.assert_allclose(got, reference(x, labels, **kw), rtol=1e-9, atol=1e-12)
 
@@ -56,7 +57,7 @@ def test_batch_has_both_branches():
 @pytest.mark.parametrize("base_loss", ["nca", "margin"])
 def test_gradient_matches_finite_differences(base_loss):
     x, labels = random_batch(1, batch=10, dim=4, classes=3, normalize=False)
-    kw = dict(base_loss=base_loss, temperature=0.5, margin=0.4, penalty=2.0)
+    kw = {"base_loss": base_loss, "temperature": 0.5, "margin": 0.4, "penalty": 2.0}
     grad = jax.grad(lambda z: sct(z, labels, **kw))(x)
     num = numerical_grad(lambda z: reference(z, labels, **kw), x)
     np.testing.assert_allclose(grad, num, rtol=1e-5, atol=1e-7)

@@ -1,7 +1,6 @@
 """Per-anchor random subsampling of mined tuples: counts, support, determinism, uniformity."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
