@@ -70,10 +70,12 @@ def decoupled_contrastive_loss(
     negative keep only ``-w s_ap / T`` (the paper's batch always has negatives; a one-class batch
     stays finite). The loss can be negative.
 
-    Defaults: T = 0.1 (the official code's default, used for the paper's ImageNet results),
-    sigma = 0.5 (paper). PyTorch Metric Learning 3.0 lists a ``DecoupledContrastiveLoss``; its
-    source was not available to check against (the stored PML snapshot is 2.8), so this follows
-    the paper and the official code (raminnakhli/Decoupled-Contrastive-Learning).
+    Defaults: T = 0.1 and sigma = 0.5, the official code's defaults (raminnakhli/Decoupled-
+    Contrastive-Learning; the paper's DCLW uses sigma = 0.5). Similarities are cosines (the
+    official code takes dot products of the projections it is given; pass unit vectors there).
+    PyTorch Metric Learning 3.0 lists a ``DecoupledContrastiveLoss``; its source was not available
+    to check against (the stored PML snapshot is 2.8), so this follows the paper and the official
+    code.
 
     Args:
       embeddings: [B, D] (normalised inside: cosine similarity). labels: [B] int.

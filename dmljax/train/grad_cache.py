@@ -18,7 +18,8 @@ Steps 1 and 3 are ``lax.scan`` loops over the chunks, so the chunks run one afte
 
 The result equals ``jax.grad`` of the loss on the unchunked batch (to float rounding) whenever
 the chunked forward pass computes the same embeddings, at the price of a second forward pass
-(about +30 to +50% step time for a conv-net: 2 forward + 1 backward instead of 1 + 1). Peak
+(2 forward + 1 backward passes instead of 1 + 1: roughly +30 to +50% step time where the loops
+run efficiently, GPU/TPU; see ``unroll`` for XLA:CPU). Peak
 activation memory is that of one chunk; the [B, D] embeddings, the loss's O(B^2) matrices and
 the parameter gradients are the only batch-sized terms.
 
