@@ -87,8 +87,9 @@ def dynamic_arcface_loss(
 
     Paper vs PML 3.0: the paper computes n_c on the training set and uses sub-center ArcFace
     (K = 3); PML's ``DynamicArcFaceLoss(n, loss_func=SubCenterArcFaceLoss, lambda0=0.25, a=0.5,
-    b=0.05)`` does the same (margins set per batch from ``margins[labels]``; checked against its
-    source from the pull request that added it). PML assigns the margins to the wrapped loss
+    b=0.05)`` does the same (margins set per batch from ``margins[labels]``; checked against the
+    ``losses/dynamic_arcface_loss.py`` stored in the code index, PML 3.0 is not installable here
+    and the fetched PML snapshot is 2.8.1). PML assigns the margins to the wrapped loss
     after construction, past ArcFace's degrees-to-radians conversion, so they act as radians
     there too (0.05..0.55 rad, as in the paper), the same values as here. ``scale`` 64 is PML's
     ArcFace default (the paper tunes it per model).

@@ -42,8 +42,9 @@ def multi_supcon_loss(
 
     Source: PyTorch Metric Learning 3.0's ``MultiSupConLoss(num_classes, temperature=0.1,
     threshold=0.3)`` (``losses/multilabel_supcon_loss.py``, adapted from HobbitLong/SupContrast;
-    checked against its source from the PML pull request that added it, PML 3.0 itself is not
-    installable here). The Jaccard weight and threshold are that implementation's; no paper
+    checked against the versions of that file stored in the code index, the latest with the
+    Jaccard weight and threshold; PML 3.0 is not installable here and the fetched PML snapshot is
+    2.8.1). The Jaccard weight and threshold are that implementation's; no paper
     defines this exact loss, its defaults (T = 0.1, threshold 0.3) are PML's. Differences from
     PML: an item with an empty label set is never its own negative (PML divides 0 / 0 there), and
     ``reduction="mean"`` averages over anchors with a positive (PML's AvgNonZeroReducer also skips

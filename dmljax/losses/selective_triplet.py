@@ -59,9 +59,9 @@ def selectively_contrastive_triplet_loss(
     Paper vs PML 3.0: the paper (eq. 4) uses the NCA-form triplet loss with T = 0.1 and
     ``lambda`` = 1 on easy-positive / hard-negative triplets (defaults here). PML 3.0's class
     derives from ``TripletMarginLoss(margin=0.05, ...)`` with a ``penalty`` (default 1): its
-    "otherwise" branch is the margin hinge, ``base_loss="margin"`` with ``margin=0.05``. The PML
-    source available here (the pull request that added it) does not contain its loss
-    computation, so that branch follows its docstring.
+    "otherwise" branch is the margin hinge, ``base_loss="margin"`` with ``margin=0.05``. The version of
+    its source stored in the code index has the constructor and docstring but an empty
+    ``compute_loss``, so that branch follows its docstring.
 
     Args:
       embeddings: [B, D] (normalised inside). labels: [B] int.
