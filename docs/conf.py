@@ -57,8 +57,10 @@ nb_execution_cache_path = str(DOCS / "_build" / ".jupyter_cache")
 html_theme = "alabaster"
 html_title = "dmljax"
 
-# the README is included by some guides; its relative links point into the repository
-suppress_warnings = ["myst.xref_missing"]
+# the README is included by some guides; its relative links point into the repository.
+# ref.python: napoleon reads the first words of a "Returns:" line as a type and Sphinx warns
+# when such a word ("labels", "embeddings") names attributes of several classes.
+suppress_warnings = ["myst.xref_missing", "ref.python"]
 
 
 def public_modules() -> list[str]:
@@ -122,3 +124,15 @@ def write_api_pages() -> None:
 
 
 write_api_pages()
+
+
+def _drop_inherited_type_docstring(app, what, name, obj, options, lines):
+    """A module constant (a dict, a tuple) has no docstring of its own: autodoc would show its
+    type's (``dict()`` -> new empty dictionary ...), which is not about dmljax."""
+    type_doc = getattr(type(obj), "__doc__", None)
+    if what in ("data", "attribute") and isinstance(type_doc, str) and "\n".join(lines).strip() == type_doc.strip():
+        lines.clear()
+
+
+def setup(app):
+    app.connect("autodoc-process-docstring", _drop_inherited_type_docstring)

@@ -111,10 +111,11 @@ class OmniglotData:
 class OneShotRun(NamedTuple):
     """One official 20-way one-shot run (Lake et al. 2015).
 
-    train_images: uint8 [20, H, W, 1], ``training/class01..class20`` in that order.
-    test_images: uint8 [20, H, W, 1], ``test/item01..item20`` in that order.
-    test_to_train_index: int32 [20], the answer key: test item i shows the class of
-      ``train_images[test_to_train_index[i]]``.
+    Attributes:
+      train_images: uint8 [20, H, W, 1], ``training/class01..class20`` in that order.
+      test_images: uint8 [20, H, W, 1], ``test/item01..item20`` in that order.
+      test_to_train_index: int32 [20], the answer key: test item i shows the class of
+        ``train_images[test_to_train_index[i]]``.
     """
 
     train_images: np.ndarray
