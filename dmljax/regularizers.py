@@ -51,6 +51,18 @@ def lp_regularizer(x: jax.Array, *, p: float = 2, power: float = 1, valid: jax.A
     Args:
       x: [N, D] embeddings or class weights. p: > 0 or inf. power: > 0.
       valid: optional bool [N] (padded rows do not count).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from dmljax.regularizers import lp_regularizer
+      >>> x = jnp.array([[3.0, 4.0], [0.0, 1.0]])
+      >>> round(float(lp_regularizer(x)), 4)
+      3.0
+      >>> round(float(lp_regularizer(x, p=1, power=2)), 4)
+      25.0
+      >>> print(jax.grad(lp_regularizer)(jnp.zeros((2, 2))))
+      [[0. 0.]
+       [0. 0.]]
     """
     x, weights = _rows(x, "x", valid)
     if p != float("inf"):
@@ -65,7 +77,14 @@ def lp_regularizer(x: jax.Array, *, p: float = 2, power: float = 1, valid: jax.A
 
 def zero_mean_regularizer(x: jax.Array, *, valid: jax.Array | None = None) -> jax.Array:
     """``mean_i |sum_k x_ik|`` (PML ``ZeroMeanRegularizer``; the zero-mean constraint of the SNR
-    paper, Yuan et al. CVPR 2019, eq. 8). x: [N, D]; valid optional bool [N]."""
+    paper, Yuan et al. CVPR 2019, eq. 8). x: [N, D]; valid optional bool [N].
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from dmljax.regularizers import zero_mean_regularizer
+      >>> round(float(zero_mean_regularizer(jnp.array([[1.0, -1.0], [2.0, 0.0]]))), 4)
+      1.0
+    """
     x, weights = _rows(x, "x", valid)
     return reduce_loss(jnp.abs(jnp.sum(x, axis=1)), weights, reduction="mean")
 
@@ -76,7 +95,14 @@ def center_invariant_regularizer(weights: jax.Array) -> jax.Array:
 
         mean_c (||w_c||^2 - mean_c' ||w_c'||^2)^2 / 4
 
-    It pulls all class weights towards the same norm. weights: [C, D]."""
+    It pulls all class weights towards the same norm. weights: [C, D].
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from dmljax.regularizers import center_invariant_regularizer
+      >>> round(float(center_invariant_regularizer(jnp.array([[3.0, 4.0], [0.0, 1.0]]))), 4)
+      36.0
+    """
     w = check_matrix(weights, name="weights", shape=(None, None))
     sq = jnp.sum(jnp.square(w), axis=1)
     return jnp.mean(jnp.square(sq - jnp.mean(sq)) / 4.0)
@@ -89,7 +115,15 @@ def regularface_regularizer(weights: jax.Array) -> jax.Array:
         mean_c max_{c' != c} cos(w_c, w_c')
 
     The arg-max is chosen without gradient; the gradient flows through the selected cosine.
-    weights: [C, D] with C >= 2 (C = 1 gives 0)."""
+    weights: [C, D] with C >= 2 (C = 1 gives 0).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from dmljax.regularizers import regularface_regularizer
+      >>> w = jnp.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+      >>> round(float(regularface_regularizer(w)), 4)
+      0.0
+    """
     w = check_matrix(weights, name="weights", shape=(None, None))
     c = w.shape[0]
     if c < 2:
@@ -114,6 +148,13 @@ def sparse_centers_regularizer(centers: jax.Array, *, tau: float = 1.0) -> jax.A
       centers: [C, K, D] (K >= 2 centers per class, the layout of `soft_triple_loss`).
       tau: weight; the paper uses tau = 0.2 inside its loss, PML leaves the weight to the
         caller (default 1 here = PML's value).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from dmljax.regularizers import sparse_centers_regularizer
+      >>> centers = jnp.array([[[1.0, 0.0], [0.6, 0.8]], [[0.0, 1.0], [0.0, 1.0]]])  # [C=2, K=2, D=2]
+      >>> round(float(sparse_centers_regularizer(centers)), 4)
+      0.2236
     """
     if np.ndim(centers) != 3:
         raise ValueError(f"centers must have shape (classes, centers_per_class, dim), got {np.shape(centers)}")

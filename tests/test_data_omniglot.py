@@ -170,3 +170,42 @@ def test_load_protocol(cache_dir, minimal_train, minimal_test):
     assert len(protocol.one_shot_runs) == 20
     with pytest.raises(ValueError, match="^name"):
         load_protocol("tiny")
+
+
+@pytest.mark.parametrize("name", ["background_small1", "background_small2"])
+def test_small_sets_are_the_upstream_png_bytes(name):
+    """The small sets taken from the background archive hold exactly the PNG bytes of the upstream
+    ``images_<name>.zip`` (digest recorded in small_sets.json from those zips before they were
+    removed from the package)."""
+    import hashlib
+    import json
+
+    from dmljax.data import omniglot
+
+    recorded = json.loads((omniglot.default_data_dir() / "small_sets.json").read_text())["sets"][name]
+    pngs = omniglot._read_pngs(omniglot._archive_path(omniglot.default_data_dir(), "images_background"))
+    members = sorted(e[0] for e in omniglot._split_members(name, pngs))
+    lines = "".join(f"{m.split('/', 1)[1]} {hashlib.sha256(pngs[m]).hexdigest()}\n" for m in members)
+    assert len(members) == recorded["num_images"]
+    assert hashlib.sha256(lines.encode()).hexdigest() == recorded["png_sha256_digest"]
+    assert omniglot.small_set_characters(name) == recorded["characters"]
+
+
+def test_upstream_zip_layout_is_read_too(tmp_path):
+    """A data_dir holding upstream-style zips (directory entries included) loads the same split."""
+    import zipfile
+
+    from dmljax.data import omniglot
+
+    pngs = omniglot._read_pngs(omniglot._archive_path(omniglot.default_data_dir(), "images_background"))
+    members = [e[0] for e in omniglot._split_members("background_small1", pngs)][:60]
+    with zipfile.ZipFile(tmp_path / "images_background.zip", "w") as zf:
+        zf.writestr("images_background/", b"")
+        for m in members:
+            zf.writestr(m, pngs[m])
+    from_zip = load_omniglot("background_small1", data_dir=tmp_path, use_cache=False)
+    shipped = load_omniglot("background_small1", use_cache=False)
+    np.testing.assert_array_equal(from_zip.images, shipped.images[:60])
+    assert from_zip.characters == shipped.characters[:3]
+    with pytest.raises(FileNotFoundError, match="images_evaluation"):
+        load_omniglot("evaluation", data_dir=tmp_path, use_cache=False)

@@ -2,9 +2,14 @@
 
 Omniglot (Lake, Salakhutdinov & Tenenbaum, "Human-level concept learning through probabilistic
 program induction", Science 2015) holds 1623 hand-drawn characters from 50 alphabets, each drawn
-once by 20 different people, as 105x105 binary PNGs. The zips shipped in
-``dmljax/data/omniglot/`` (see its README.md for provenance and checksums) are read directly with
-:mod:`zipfile` and PIL; nothing is downloaded.
+once by 20 different people, as 105x105 binary PNGs. The archives shipped in
+``dmljax/data/omniglot/`` (``images_background.tar.xz``, ``images_evaluation.tar.xz`` and
+``all_runs.zip``; see its README.md for provenance and checksums) are read directly with
+:mod:`tarfile` / :mod:`zipfile` and PIL; nothing is downloaded. A ``data_dir`` holding the upstream
+``images_background.zip`` / ``images_evaluation.zip`` works too. The upstream small sets
+(``images_background_small1/2``, every character of 5 background alphabets) are not shipped
+twice: they are taken from the background archive with the character lists of
+``small_sets.json`` (the same PNG bytes as the upstream small zips; a test checks their digest).
 
 Image convention: **ink is high**. The PNGs store ink as black (0) on white (1); we invert them so
 background is 0 and ink is 255 (uint8), i.e. ink = 1.0 after ``images / 255``. Zero padding (e.g.
@@ -21,7 +26,7 @@ Protocols (from the README):
   Sanskrit, Tagalog: 106 characters, 2120 images), one-shot test on the same 20 runs.
 
 Decoded splits are cached as ``.npz`` under ``$DMLJAX_CACHE`` (default ``~/.cache/dmljax``), keyed
-by split, image size and the zip's size/mtime, so the second load takes a fraction of a second.
+by split, image size and the source archive's size/mtime, so the second load takes a fraction of a second.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ import concurrent.futures
 import dataclasses
 import io
 import os
+import json
 import re
+import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
@@ -50,19 +57,18 @@ __all__ = [
     "load_one_shot_runs",
     "load_protocol",
     "one_shot_error",
+    "small_set_characters",
 ]
 
 # Bump when the decoding changes so stale caches are not reused.
 _CACHE_VERSION = 1
 
-# split name -> zip file stem (the minimal test split is derived from two zips).
-_ZIP_OF_SPLIT = {
-    "background": "images_background",
-    "evaluation": "images_evaluation",
-    "background_small1": "images_background_small1",
-    "background_small2": "images_background_small2",
-}
-SPLITS = tuple(_ZIP_OF_SPLIT) + ("minimal_test",)
+# The two image archives shipped (one copy of every image). The upstream small sets are subsets of
+# the background set, derived at load time from the character lists in ``small_sets.json``.
+_ARCHIVE_OF_SPLIT = {"background": "images_background", "evaluation": "images_evaluation"}
+_SMALL_SETS = ("background_small1", "background_small2")
+SPLITS = tuple(_ARCHIVE_OF_SPLIT) + _SMALL_SETS + ("minimal_test",)
+SMALL_SETS_FILE = "small_sets.json"
 
 _IMAGE_PATH = re.compile(r"^[^/]+/(?P<alphabet>[^/]+)/(?P<character>[^/]+)/(?P<id>\d+)_(?P<drawer>\d+)\.png$")
 
@@ -105,10 +111,11 @@ class OmniglotData:
 class OneShotRun(NamedTuple):
     """One official 20-way one-shot run (Lake et al. 2015).
 
-    train_images: uint8 [20, H, W, 1], ``training/class01..class20`` in that order.
-    test_images: uint8 [20, H, W, 1], ``test/item01..item20`` in that order.
-    test_to_train_index: int32 [20], the answer key: test item i shows the class of
-      ``train_images[test_to_train_index[i]]``.
+    Attributes:
+      train_images: uint8 [20, H, W, 1], ``training/class01..class20`` in that order.
+      test_images: uint8 [20, H, W, 1], ``test/item01..item20`` in that order.
+      test_to_train_index: int32 [20], the answer key: test item i shows the class of
+        ``train_images[test_to_train_index[i]]``.
     """
 
     train_images: np.ndarray
@@ -169,36 +176,84 @@ def _zip_path(data_dir: Path, stem: str) -> Path:
     return path
 
 
-def _list_images(zip_path: Path) -> list[tuple[str, str, str, int]]:
-    """Sorted (member name, alphabet, character, drawer) of every PNG in an image zip."""
+def _archive_path(data_dir: Path, stem: str) -> Path:
+    """``<stem>.tar.xz`` (the repacked copy shipped) or, failing that, the upstream ``<stem>.zip``."""
+    for suffix in (".tar.xz", ".zip"):
+        path = data_dir / f"{stem}{suffix}"
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"neither {stem}.tar.xz nor {stem}.zip found in data_dir={data_dir}")
+
+
+def _read_pngs(archive: Path) -> dict[str, bytes]:
+    """Member name -> PNG bytes of every Omniglot image in a ``.tar.xz`` or ``.zip`` archive."""
+    out = {}
+    if archive.name.endswith(".zip"):
+        with zipfile.ZipFile(archive) as zf:
+            for name in zf.namelist():
+                if _IMAGE_PATH.match(name):
+                    out[name] = zf.read(name)
+    else:
+        with tarfile.open(archive, "r:*") as tf:
+            for member in tf:
+                if member.isfile() and _IMAGE_PATH.match(member.name):
+                    out[member.name] = tf.extractfile(member).read()
+    return out
+
+
+def small_set_characters(name: str) -> dict[str, list[str]]:
+    """The characters of an upstream small background set, ``{alphabet: [characterNN, ...]}``.
+
+    Args:
+      name: ``"background_small1"`` or ``"background_small2"`` (Lake et al. 2015's 5-alphabet
+        background sets; every character of those alphabets).
+
+    Returns:
+      The lists recorded in ``dmljax/data/omniglot/small_sets.json``.
+
+    Examples:
+      >>> from dmljax.data.omniglot import small_set_characters
+      >>> sorted(small_set_characters("background_small1"))
+      ['Balinese', 'Early_Aramaic', 'Greek', 'Korean', 'Latin']
+    """
+    if name not in _SMALL_SETS:
+        raise ValueError(f"name must be one of {_SMALL_SETS}, got {name!r}")
+    return dict(_small_sets()[name]["characters"])
+
+
+def _small_sets() -> dict[str, Any]:
+    return json.loads((default_data_dir() / SMALL_SETS_FILE).read_text())["sets"]
+
+
+def _source_stem(split: str) -> str:
+    return _ARCHIVE_OF_SPLIT["evaluation" if split == "evaluation" else "background"]
+
+
+def _split_members(split: str, pngs: dict[str, bytes]) -> list[tuple[str, str, str, int]]:
+    """Sorted (member name, alphabet, character, drawer) of the images of ``split``."""
     entries = []
-    with zipfile.ZipFile(zip_path) as zf:
-        for name in zf.namelist():
-            m = _IMAGE_PATH.match(name)
-            if m:
-                entries.append((name, m["alphabet"], m["character"], int(m["drawer"])))
+    for name in pngs:
+        m = _IMAGE_PATH.match(name)
+        entries.append((name, m["alphabet"], m["character"], int(m["drawer"])))
+    if split in _SMALL_SETS or split == "minimal_test":
+        sets = _small_sets()
+        if split == "minimal_test":
+            exclude = set(sets["background_small1"]["characters"])
+            keep = {(a, c) for a, cs in sets["background_small2"]["characters"].items() if a not in exclude
+                    for c in cs}
+        else:
+            keep = {(a, c) for a, cs in sets[split]["characters"].items() for c in cs}
+        entries = [e for e in entries if (e[1], e[2]) in keep]
     entries.sort(key=lambda e: (e[1], e[2], e[3], e[0]))
     return entries
 
 
-def _alphabets_in(zip_path: Path) -> set[str]:
-    return {e[1] for e in _list_images(zip_path)}
-
-
 def _decode_split(split: str, image_size: int, data_dir: Path) -> OmniglotData:
-    if split == "minimal_test":
-        small1 = _zip_path(data_dir, _ZIP_OF_SPLIT["background_small1"])
-        zip_path = _zip_path(data_dir, _ZIP_OF_SPLIT["background_small2"])
-        exclude = _alphabets_in(small1)
-    else:
-        zip_path = _zip_path(data_dir, _ZIP_OF_SPLIT[split])
-        exclude = set()
-    entries = [e for e in _list_images(zip_path) if e[1] not in exclude]
+    pngs = _read_pngs(_archive_path(data_dir, _source_stem(split)))
+    entries = _split_members(split, pngs)
     class_keys = sorted({(e[1], e[2]) for e in entries})
     class_of = {key: i for i, key in enumerate(class_keys)}
-    with zipfile.ZipFile(zip_path) as zf:
-        blobs = [zf.read(e[0]) for e in entries]
-    images = _decode_many(blobs, image_size)
+    images = _decode_many([pngs[e[0]] for e in entries], image_size)
     return OmniglotData(
         images=images,
         labels=np.array([class_of[(e[1], e[2])] for e in entries], dtype=np.int32),
@@ -209,12 +264,9 @@ def _decode_split(split: str, image_size: int, data_dir: Path) -> OmniglotData:
 
 
 def _cache_file(split: str, image_size: int, data_dir: Path, cache_dir: Path) -> Path:
-    stems = [_ZIP_OF_SPLIT["background_small1"], _ZIP_OF_SPLIT["background_small2"]] if split == "minimal_test" \
-        else [_ZIP_OF_SPLIT[split]]
-    # size + mtime of the source zips: a changed zip gives a new cache file.
-    stamp = "-".join(
-        f"{st.st_size:x}{int(st.st_mtime):x}" for st in (_zip_path(data_dir, s).stat() for s in stems)
-    )
+    # size + mtime of the source archive: a changed archive gives a new cache file.
+    st = _archive_path(data_dir, _source_stem(split)).stat()
+    stamp = f"{st.st_size:x}{int(st.st_mtime):x}"
     return cache_dir / f"omniglot_v{_CACHE_VERSION}_{split}_{image_size}px_{stamp}.npz"
 
 
@@ -265,7 +317,7 @@ def load_omniglot(
         ``"background_small1"`` (136 / 2720), ``"background_small2"`` (156 / 3120) or
         ``"minimal_test"`` (the alphabets of small2 not in small1: 106 / 2120).
       image_size: output side length in pixels (the originals are 105x105).
-      data_dir: directory holding the zips; defaults to the copy shipped with the package.
+      data_dir: directory holding the archives; defaults to the copy shipped with the package.
       cache_dir: where decoded ``.npz`` files are kept; defaults to :func:`default_cache_dir`.
       use_cache: read/write the cache (False decodes every time and writes nothing).
 
@@ -275,7 +327,7 @@ def load_omniglot(
 
     Raises:
       ValueError: unknown ``split`` or a non-positive ``image_size``.
-      FileNotFoundError: a zip is missing from ``data_dir``.
+      FileNotFoundError: an archive is missing from ``data_dir``.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")

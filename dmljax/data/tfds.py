@@ -21,8 +21,22 @@ random resized crop of :mod:`dmljax.data.augment` then picks the aspect ratio) o
 shorter side and centre-cropped. Omniglot images (black ink on white, 3 identical channels) are
 returned as one ink-high channel like :func:`dmljax.data.omniglot.load_omniglot`.
 
-TensorFlow is imported lazily, so this module imports without it. Data is never downloaded unless
-``download=True``.
+Two readers:
+
+* :func:`load_arrays` (the default ``reader="data_source"``) and :func:`dml_data_source` use
+  ``tfds.data_source``: TensorFlow-free random access to the prepared ``array_record`` files
+  (``tensorflow-datasets`` is a dependency of dmljax; TensorFlow is not). Images are resized with
+  PIL's antialiased bilinear filter, like :mod:`dmljax.data.omniglot`. The dataset must have been
+  prepared in ``array_record`` format (``tfds build --file_format=array_record`` or
+  ``tfds.builder(name, file_format="array_record").download_and_prepare()``).
+* :func:`dml_tf_dataset`, :func:`iterate_batches` and ``load_arrays(..., reader="tf_data")``
+  stream with ``tf.data`` and resize with TF; they need TensorFlow, the optional extra
+  ``pip install "dmljax[tfds]"``. Without it they raise an :class:`ImportError` naming that extra.
+  When this module imports TensorFlow it hides the GPUs from it
+  (``tf.config.set_visible_devices([], "GPU")``) so that it never takes accelerator memory from
+  JAX.
+
+Data is never downloaded unless ``download=True``.
 """
 
 from __future__ import annotations
@@ -30,15 +44,62 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import os
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-__all__ = ["DML_DATASETS", "TfdsDmlSpec", "dml_tf_dataset", "iterate_batches", "load_arrays"]
+__all__ = [
+    "DML_DATASETS",
+    "DmlDataSource",
+    "TfdsDmlSpec",
+    "dml_data_source",
+    "dml_tf_dataset",
+    "import_tensorflow",
+    "iterate_batches",
+    "load_arrays",
+]
+
+TFDS_EXTRA_HINT = 'pip install "dmljax[tfds]"'
+
+
+def import_tensorflow():
+    """Import TensorFlow for the ``tf.data`` readers, kept off the accelerators.
+
+    Returns:
+      The ``tensorflow`` module, with every GPU hidden from it
+      (``tf.config.set_visible_devices([], "GPU")``, so it never reserves accelerator memory that
+      JAX needs).
+
+    Raises:
+      ImportError: TensorFlow is not installed; the message names the ``dmljax[tfds]`` extra.
+    """
+    try:
+        import tensorflow as tf
+    except ImportError as e:
+        raise ImportError(
+            "the tf.data TFDS readers (dml_tf_dataset, iterate_batches, load_arrays(reader='tf_data')) "
+            f"need TensorFlow, an optional extra of dmljax: {TFDS_EXTRA_HINT} (or use the TF-free "
+            "load_arrays / dml_data_source)"
+        ) from e
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:
+        pass  # TF already initialised its devices (the caller configured it): leave it as it is
+    return tf
 
 
 @dataclasses.dataclass(frozen=True)
 class TfdsDmlSpec:
+    """How one TFDS dataset is split by class for deep metric learning.
+
+    Attributes:
+      tfds_splits: the TFDS splits whose union is split by class.
+      num_classes: classes in the dataset.
+      num_train_classes: the first ``num_train_classes`` class ids train, the rest test.
+      ink_high_grayscale: Omniglot: return 1 channel with ink = 255.
+      has_bbox: the examples carry a ``bbox`` feature (``crop_to_bbox`` allowed).
+    """
+
     tfds_splits: tuple[str, ...]  # TFDS splits whose union is split by class
     num_classes: int
     num_train_classes: int
@@ -93,7 +154,7 @@ def dml_tf_dataset(
         standard protocol does not).
     """
     spec = _check_args(name, split, image_size, resize, crop_to_bbox)
-    import tensorflow as tf
+    tf = import_tensorflow()
     import tensorflow_datasets as tfds
 
     datasets = [
@@ -163,7 +224,8 @@ def iterate_batches(
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    import tensorflow as tf
+    _check_args(name, split, image_size, kwargs.get("resize", "stretch"), kwargs.get("crop_to_bbox", False))
+    tf = import_tensorflow()
     import tensorflow_datasets as tfds
 
     ds = dml_tf_dataset(name, split, image_size=image_size, **kwargs)
@@ -173,17 +235,139 @@ def iterate_batches(
     yield from tfds.as_numpy(ds)
 
 
-def load_arrays(name: str, split: str, *, image_size: int, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
+class DmlDataSource(Sequence):
+    """Random access to one DML class split of a TFDS dataset, TensorFlow-free.
+
+    ``source[i]`` is ``{"image": uint8 [S, S, C], "label": int}`` (labels contiguous from 0 in the
+    split), decoded and resized on access. Built by :func:`dml_data_source`.
+
+    Attributes:
+      labels: int32 [N], the labels of the split (read once when the source is built).
+    """
+
+    def __init__(self, records: Sequence[Any], indices: np.ndarray, labels: np.ndarray, *,
+                 spec: TfdsDmlSpec, image_size: int, resize: str, crop_to_bbox: bool):
+        self._records = records  # (record source, index) pairs
+        self._indices = indices
+        self.labels = labels
+        self._spec, self._size, self._resize, self._crop = spec, image_size, resize, crop_to_bbox
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for a source of {len(self)} examples")
+        source, index = self._records[int(self._indices[i])]
+        example = source[int(index)]
+        image = _prepare_numpy(np.asarray(example["image"]), example.get("bbox"), spec=self._spec,
+                               image_size=self._size, resize=self._resize, crop_to_bbox=self._crop)
+        return {"image": image, "label": int(self.labels[i])}
+
+
+def _prepare_numpy(image: np.ndarray, bbox: Any, *, spec: TfdsDmlSpec, image_size: int, resize: str,
+                   crop_to_bbox: bool) -> np.ndarray:
+    """The numpy/PIL counterpart of :func:`dml_tf_dataset`'s ``prepare`` (bbox crop, ink inversion,
+    antialiased bilinear resize)."""
+    from PIL import Image
+
+    if crop_to_bbox:
+        h, w = image.shape[:2]
+        box = np.asarray(bbox, dtype=np.float32)  # normalised [ymin, xmin, ymax, xmax]
+        top, left = int(np.floor(box[0] * h)), int(np.floor(box[1] * w))
+        bottom = max(int(np.ceil(box[2] * h)), top + 1)
+        right = max(int(np.ceil(box[3] * w)), left + 1)
+        image = image[top:bottom, left:right]
+    if spec.ink_high_grayscale:
+        image = 255 - image[..., :1]
+    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    if resize == "center_crop":
+        w, h = pil.size
+        ratio = image_size / min(h, w)
+        new_h, new_w = max(round(h * ratio), image_size), max(round(w * ratio), image_size)
+        pil = pil.resize((new_w, new_h), Image.Resampling.BILINEAR)
+        top, left = (new_h - image_size) // 2, (new_w - image_size) // 2
+        pil = pil.crop((left, top, left + image_size, top + image_size))
+    else:
+        pil = pil.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    out = np.asarray(pil, dtype=np.uint8)
+    return out[..., None] if out.ndim == 2 else out
+
+
+def dml_data_source(
+    name: str,
+    split: str,
+    *,
+    image_size: int,
+    data_dir: str | os.PathLike | None = None,
+    download: bool = False,
+    resize: str = "stretch",
+    crop_to_bbox: bool = False,
+) -> DmlDataSource:
+    """A TensorFlow-free random-access :class:`DmlDataSource` for one DML class split.
+
+    Reads the dataset's ``array_record`` files with ``tfds.data_source`` (no TensorFlow needed).
+    Every record is read once to find the split's examples (TFDS records carry the label with the
+    image); images are then decoded and resized on access with PIL's antialiased bilinear filter.
+
+    Args:
+      name: a key of :data:`DML_DATASETS`.
+      split: ``"train"`` (first classes) or ``"test"`` (remaining classes).
+      image_size: S.
+      data_dir: TFDS data directory (default: TFDS's, ``~/tensorflow_datasets``).
+      download: let TFDS download and prepare the data if absent.
+      resize: ``"stretch"`` to S x S, or ``"center_crop"`` (shorter side to S, central square).
+      crop_to_bbox: crop CUB / Cars images to their bounding box first.
+    """
+    spec = _check_args(name, split, image_size, resize, crop_to_bbox)
+    import tensorflow_datasets as tfds
+
+    records, labels = [], []
+    for tfds_split in spec.tfds_splits:
+        source = tfds.data_source(name, split=tfds_split, download=download,
+                                  data_dir=None if data_dir is None else os.fspath(data_dir))
+        for index in range(len(source)):
+            records.append((source, index))
+            labels.append(int(source[index]["label"]))
+    labels = np.asarray(labels, dtype=np.int64)
+    in_train = labels < spec.num_train_classes
+    keep = np.flatnonzero(in_train if split == "train" else ~in_train)
+    offset = 0 if split == "train" else spec.num_train_classes
+    return DmlDataSource(records, keep, (labels[keep] - offset).astype(np.int32), spec=spec,
+                         image_size=int(image_size), resize=resize, crop_to_bbox=crop_to_bbox)
+
+
+_READERS = ("data_source", "tf_data")
+
+
+def load_arrays(name: str, split: str, *, image_size: int, reader: str = "data_source",
+                **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
     """The whole DML split in memory: (images uint8 [N, S, S, C], labels int32 [N]).
 
     Memory is N * S * S * C bytes (CUB at 256 px: ~1.2 GB per split); use
-    :func:`iterate_batches` to stream instead.
+    :func:`dml_data_source` (random access) or :func:`iterate_batches` to stream instead.
+
+    Args:
+      name, split, image_size: as for :func:`dml_data_source`.
+      reader: ``"data_source"`` (default: ``tfds.data_source``, TensorFlow-free, PIL resize) or
+        ``"tf_data"`` (``tf.data`` with TF's resize; needs the ``dmljax[tfds]`` extra).
+      **kwargs: ``data_dir``, ``download``, ``resize``, ``crop_to_bbox``.
     """
+    if reader not in _READERS:
+        raise ValueError(f"reader must be one of {_READERS}, got {reader!r}")
+    channels = 1 if name in DML_DATASETS and DML_DATASETS[name].ink_high_grayscale else 3
+    if reader == "data_source":
+        source = dml_data_source(name, split, image_size=image_size, **kwargs)
+        images = np.zeros((len(source), image_size, image_size, channels), np.uint8)
+        for i in range(len(source)):
+            images[i] = source[i]["image"]
+        return images, source.labels
     images, labels = [], []
     for batch in iterate_batches(name, split, batch_size=256, image_size=image_size, **kwargs):
         images.append(batch["image"])
         labels.append(batch["label"])
-    channels = 1 if DML_DATASETS[name].ink_high_grayscale else 3
     if not images:
         return np.zeros((0, image_size, image_size, channels), np.uint8), np.zeros((0,), np.int32)
     return np.concatenate(images), np.concatenate(labels)

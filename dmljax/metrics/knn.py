@@ -52,6 +52,17 @@ def check_finite(x, *, name: str) -> None:
     """Raise ``ValueError`` naming ``name`` if a concrete array holds NaN or inf.
 
     Traced arrays (inside ``jax.jit``) cannot be inspected and are passed through.
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.metrics.knn import check_finite
+      >>> check_finite(np.ones((2, 3)), name="embeddings")
+      >>> try:
+      ...     check_finite(np.array([[0.0, np.nan]]), name="embeddings")
+      ... except ValueError as e:
+      ...     print(str(e).split(":")[0])
+      ...
+      embeddings contains NaN or inf values
     """
     if isinstance(x, jax.core.Tracer):
         return
@@ -295,6 +306,23 @@ def knn(
     Raises:
       ValueError: bad ranks or dims, k larger than the gallery, non-finite embeddings
         (when concrete), bad block sizes.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> from dmljax.metrics.knn import knn
+      >>> x = jnp.array([[0.0], [1.0], [3.0], [7.0]])
+      >>> indices, dists = knn(x, k=2)
+      >>> print(indices)
+      [[1 2]
+       [0 2]
+       [1 0]
+       [2 1]]
+      >>> print(np.round(np.asarray(dists, dtype=np.float64), 4))
+      [[1. 3.]
+       [1. 2.]
+       [2. 3.]
+       [4. 6.]]
     """
     check_choice(metric, name="metric", choices=KNN_METRICS)
     query = check_embeddings(query, name="query")

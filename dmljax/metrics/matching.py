@@ -65,6 +65,14 @@ def fnmr_at_fmr(pos_distances, neg_distances, fmr: Sequence[float] | float = (0.
       fmr: fractions in [0, 1] (OML's ``fmr_vals``; older OML versions took percents).
     Returns:
       float64 [len(fmr)].
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.metrics.matching import fnmr_at_fmr
+      >>> pos = np.array([0.1, 0.2, 0.3, 0.9])
+      >>> neg = np.array([0.5, 0.6, 0.7, 0.8, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5])
+      >>> print(fnmr_at_fmr(pos, neg, fmr=(0.1, 0.5)))
+      [0.25 0.  ]
     """
     pos = _distances_1d(pos_distances, name="pos_distances")
     neg = _distances_1d(neg_distances, name="neg_distances")
@@ -80,6 +88,14 @@ def pair_distances(query, query_labels, gallery=None, gallery_labels=None, *, me
     Without a gallery the query set is its own gallery and the self-pairs are excluded;
     pairs of the same sequence (when ``*_sequence`` are given) are excluded. Builds the
     [N, M] matrix: meant for verification sets of moderate size.
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.metrics.matching import pair_distances
+      >>> x = np.array([[0.0, 0.0], [0.0, 1.0], [3.0, 0.0]])
+      >>> result = pair_distances(x, np.array([0, 0, 1]))
+      >>> [np.round(np.asarray(r, dtype=np.float64), 4).tolist() for r in result]
+      [[1.0, 1.0], [3.0, 3.1623, 3.0, 3.1623]]
     """
     q = check_embeddings(query, name="query")
     ql = np.asarray(check_labels(query_labels, batch_size=q.shape[0], name="query_labels"))
@@ -118,6 +134,13 @@ def pcf(embeddings, *, variance: Sequence[float] | float = (0.5,)) -> np.ndarray
       embeddings: [N, D] float, N >= 2. variance: fraction(s) in [0, 1].
     Returns:
       float64 [len(variance)], each in [0, 1].
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.metrics.matching import pcf
+      >>> emb = np.random.default_rng(0).normal(size=(100, 8)) * np.array([10.0, 1, 1, 1, 1, 1, 1, 1])
+      >>> print(pcf(emb, variance=(0.5, 0.99)))
+      [0.125 0.875]
     """
     x = np.asarray(check_embeddings(embeddings), dtype=np.float64)
     if x.shape[0] < 2:
@@ -170,6 +193,15 @@ def retrieval_by_category(neighbor_indices, query_labels, categories, gallery_la
       gallery_labels: [M] int or None (query-in-gallery protocol).
     Returns:
       {category: {metric: value}, ..., "overall": {...}}.
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.metrics.matching import retrieval_by_category
+      >>> neighbors = np.array([[1], [0], [3], [0]])
+      >>> labels = np.array([0, 0, 1, 1])
+      >>> out = retrieval_by_category(neighbors, labels, categories=np.array([0, 0, 1, 1]), ks=(1,))
+      >>> print(out)
+      {0: {'map_at_r': 1.0, 'mrr': 1.0, 'precision_at_1': 1.0, 'r_precision': 1.0, 'recall@1': 1.0}, 1: {'map_at_r': 0.5, 'mrr': 0.5, 'precision_at_1': 0.5, 'r_precision': 0.5, 'recall@1': 0.5}, 'overall': {'map_at_r': 0.75, 'mrr': 0.75, 'precision_at_1': 0.75, 'r_precision': 0.75, 'recall@1': 0.75}}
     """
     hits = np.asarray(neighbor_hits(neighbor_indices, query_labels, gallery_labels))
     counts = np.asarray(same_class_counts(query_labels, gallery_labels))
@@ -203,6 +235,15 @@ def query_gallery_metrics(query, query_labels, gallery, gallery_labels, *, query
     Returns:
       recall@k for ``ks``, precision_at_1, r_precision, map_at_r, mrr; with ``categories`` [N]
       the same per category under "by_category".
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.metrics.matching import query_gallery_metrics
+      >>> query = np.array([[0.0, 0.0], [5.0, 5.0]])
+      >>> gallery = np.array([[0.1, 0.0], [5.0, 5.1], [9.0, 9.0]])
+      >>> m = query_gallery_metrics(query, np.array([0, 1]), gallery, np.array([0, 1, 2]), ks=(1,))
+      >>> {k: round(float(v), 4) for k, v in sorted(m.items())}
+      {'map_at_r': 1.0, 'mrr': 1.0, 'precision_at_1': 1.0, 'r_precision': 1.0, 'recall@1': 1.0}
     """
     q = check_embeddings(query, name="query")
     g = check_embeddings(gallery, name="gallery")

@@ -40,7 +40,16 @@ def _multi_hot(x, name):
 
 
 def graded_relevance(neighbor_indices, query_labels, gallery_labels) -> jax.Array:
-    """[Q, K] float: shared-label count between each query and its k-th retrieved item."""
+    """[Q, K] float: shared-label count between each query and its k-th retrieved item.
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.metrics.multilabel import graded_relevance
+      >>> query = np.array([[1, 1, 0]], dtype=bool)
+      >>> gallery = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 1]], dtype=bool)
+      >>> print(graded_relevance(np.array([[1, 0, 2]]), query, gallery))
+      [[2. 1. 0.]]
+    """
     q = _multi_hot(query_labels, "query_labels")
     g = _multi_hot(gallery_labels, "gallery_labels")
     if q.shape[1] != g.shape[1]:
@@ -60,14 +69,34 @@ def _check_k(k, available):
 
 
 def multilabel_precision_at_k(neighbor_indices, query_labels, gallery_labels, *, k: int) -> jax.Array:
-    """Mean fraction of the top k retrieved items that share a label with the query."""
+    """Mean fraction of the top k retrieved items that share a label with the query.
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.metrics.multilabel import multilabel_precision_at_k
+      >>> query = np.array([[1, 1, 0], [0, 0, 1]], dtype=bool)
+      >>> gallery = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 1]], dtype=bool)
+      >>> neighbors = np.array([[1, 2], [0, 2]])
+      >>> round(float(multilabel_precision_at_k(neighbors, query, gallery, k=2)), 4)
+      0.5
+    """
     rel = graded_relevance(neighbor_indices, query_labels, gallery_labels) > 0
     k = _check_k(k, rel.shape[1])
     return jnp.mean(jnp.mean(rel[:, :k], axis=1))
 
 
 def multilabel_map_at_k(neighbor_indices, query_labels, gallery_labels, *, k: int) -> jax.Array:
-    """mAP@k with binary relevance (shares >= 1 label); see the module docstring."""
+    """mAP@k with binary relevance (shares >= 1 label); see the module docstring.
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.metrics.multilabel import multilabel_map_at_k
+      >>> query = np.array([[1, 1, 0], [0, 0, 1]], dtype=bool)
+      >>> gallery = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 1]], dtype=bool)
+      >>> neighbors = np.array([[1, 2], [0, 2]])
+      >>> round(float(multilabel_map_at_k(neighbors, query, gallery, k=2)), 4)
+      0.75
+    """
     rel = (graded_relevance(neighbor_indices, query_labels, gallery_labels) > 0).astype(jnp.float32)
     k = _check_k(k, rel.shape[1])
     rel = rel[:, :k]
@@ -77,7 +106,17 @@ def multilabel_map_at_k(neighbor_indices, query_labels, gallery_labels, *, k: in
 
 
 def multilabel_ndcg_at_k(neighbor_indices, query_labels, gallery_labels, *, k: int) -> jax.Array:
-    """nDCG@k with graded relevance (shared-label count), gains 2^g - 1; see the module docstring."""
+    """nDCG@k with graded relevance (shared-label count), gains 2^g - 1; see the module docstring.
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.metrics.multilabel import multilabel_ndcg_at_k
+      >>> query = np.array([[1, 1, 0], [0, 0, 1]], dtype=bool)
+      >>> gallery = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 1]], dtype=bool)
+      >>> neighbors = np.array([[1, 2], [0, 2]])
+      >>> round(float(multilabel_ndcg_at_k(neighbors, query, gallery, k=2)), 4)
+      0.7286
+    """
     gains = graded_relevance(neighbor_indices, query_labels, gallery_labels)
     k = _check_k(k, gains.shape[1])
     discount = 1.0 / jnp.log2(jnp.arange(2, k + 2, dtype=jnp.float32))
@@ -91,7 +130,17 @@ def multilabel_ndcg_at_k(neighbor_indices, query_labels, gallery_labels, *, k: i
 
 
 def multilabel_retrieval_metrics(neighbor_indices, query_labels, gallery_labels, *, ks=(1, 5, 10)) -> dict:
-    """{"precision@k", "map@k", "ndcg@k"} for every k in ``ks`` (k <= number of neighbours)."""
+    """{"precision@k", "map@k", "ndcg@k"} for every k in ``ks`` (k <= number of neighbours).
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.metrics.multilabel import multilabel_retrieval_metrics
+      >>> query = np.array([[1, 1, 0], [0, 0, 1]], dtype=bool)
+      >>> gallery = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 1]], dtype=bool)
+      >>> m = multilabel_retrieval_metrics(np.array([[1, 2], [0, 2]]), query, gallery, ks=(1, 2))
+      >>> {k: round(float(v), 4) for k, v in sorted(m.items())}
+      {'map@1': 0.5, 'map@2': 0.75, 'ndcg@1': 0.5, 'ndcg@2': 0.7286, 'precision@1': 0.5, 'precision@2': 0.5}
+    """
     out = {}
     for k in ks:
         out[f"precision@{k}"] = float(multilabel_precision_at_k(neighbor_indices, query_labels, gallery_labels, k=k))

@@ -50,6 +50,17 @@ def plot_retrieval_grid(path: str, query_images, query_labels, gallery_images, g
         the query-in-gallery protocol).
       neighbor_indices: [N, >=k] from `knn`.
       queries: which query rows to show (default: the first 8).
+
+    Examples:
+      >>> import os, tempfile
+      >>> import numpy as np
+      >>> from dmljax.metrics.plots import plot_retrieval_grid
+      >>> images = np.random.default_rng(0).integers(0, 255, size=(4, 8, 8), dtype=np.uint8)
+      >>> labels = np.array([0, 0, 1, 1])
+      >>> neighbors = np.array([[1, 2], [0, 3], [3, 0], [2, 1]])
+      >>> path = plot_retrieval_grid(os.path.join(tempfile.mkdtemp(), "grid.png"), images, labels, images, labels, neighbors, k=2)
+      >>> os.path.basename(path), os.path.getsize(path) > 0
+      ('grid.png', True)
     """
     neighbor_indices = np.asarray(neighbor_indices)
     query_labels = np.asarray(query_labels)
@@ -86,7 +97,17 @@ def plot_retrieval_grid(path: str, query_images, query_labels, gallery_images, g
 
 
 def plot_roc(path: str, curves: Mapping[str, tuple[np.ndarray, np.ndarray]], *, log_far: bool = False) -> str:
-    """Save ROC curves; ``curves`` maps a legend name to (scores, is_positive)."""
+    """Save ROC curves; ``curves`` maps a legend name to (scores, is_positive).
+
+    Examples:
+      >>> import os, tempfile
+      >>> import numpy as np
+      >>> from dmljax.metrics.plots import plot_roc
+      >>> scores, is_positive = np.array([0.9, 0.8, 0.3, 0.1]), np.array([True, False, True, False])
+      >>> path = plot_roc(os.path.join(tempfile.mkdtemp(), "roc.png"), {"model": (scores, is_positive)})
+      >>> os.path.basename(path), os.path.getsize(path) > 0
+      ('roc.png', True)
+    """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     for name, (scores, is_positive) in curves.items():
@@ -108,7 +129,17 @@ def plot_roc(path: str, curves: Mapping[str, tuple[np.ndarray, np.ndarray]], *, 
 
 
 def pca_2d(x: np.ndarray) -> np.ndarray:
-    """First two principal components of ``x`` [N, D] (centred SVD, numpy)."""
+    """First two principal components of ``x`` [N, D] (centred SVD, numpy).
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.metrics.plots import pca_2d
+      >>> x = np.array([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0], [4.0, 0.0, 0.0]])
+      >>> print(np.abs(np.round(pca_2d(x), 4)))
+      [[2. 0.]
+       [0. 0.]
+       [2. 0.]]
+    """
     x = np.asarray(x, dtype=np.float64)
     x = x - x.mean(axis=0, keepdims=True)
     _, _, vt = np.linalg.svd(x, full_matrices=False)
@@ -121,6 +152,15 @@ def plot_embedding_map(path: str, embeddings, labels, *, method: str = "pca", se
     """Save a 2-D scatter of the embeddings coloured by class (PCA or t-SNE).
 
     At most ``max_points`` random points are drawn (t-SNE is quadratic).
+
+    Examples:
+      >>> import os, tempfile
+      >>> import numpy as np
+      >>> from dmljax.metrics.plots import plot_embedding_map
+      >>> emb = np.random.default_rng(0).normal(size=(20, 5))
+      >>> path = plot_embedding_map(os.path.join(tempfile.mkdtemp(), "map.png"), emb, np.arange(20) % 4)
+      >>> os.path.basename(path), os.path.getsize(path) > 0
+      ('map.png', True)
     """
     x = np.asarray(embeddings, dtype=np.float64)
     labels = np.asarray(labels)

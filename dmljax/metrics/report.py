@@ -59,6 +59,14 @@ def evaluate(
       dict with "recall@k", "precision_at_1", "r_precision", "map_at_r", "mrr", "ndcg@k",
       optionally "nmi", "ami", "f1", plus "num_queries", "num_gallery", "knn_k",
       "knn_seconds".
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from dmljax.metrics.report import evaluate
+      >>> emb = jnp.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+      >>> m = evaluate(emb, jnp.array([0, 0, 1, 1]), ks=(1,), clustering=False)
+      >>> {k: round(float(v), 4) for k, v in sorted(m.items()) if k != "knn_seconds"}
+      {'knn_k': 1.0, 'map_at_r': 1.0, 'mrr': 1.0, 'ndcg@1': 1.0, 'num_gallery': 4.0, 'num_queries': 4.0, 'precision_at_1': 1.0, 'r_precision': 1.0, 'recall@1': 1.0}
     """
     query = check_embeddings(query_embeddings, name="query_embeddings")
     query_labels = check_labels(query_labels, batch_size=query.shape[0], name="query_labels")
@@ -95,7 +103,16 @@ def evaluate(
 
 
 def format_metrics_table(metrics: dict[str, float], *, percent: bool = True) -> str:
-    """Two-column text table; rates in [0, 1] shown as percentages (as in the papers)."""
+    """Two-column text table; rates in [0, 1] shown as percentages (as in the papers).
+
+    Examples:
+      >>> from dmljax.metrics.report import format_metrics_table
+      >>> print(format_metrics_table({"recall@1": 0.9036, "map_at_r": 0.657}))
+      metric   | value
+      ---------|------
+      recall@1 | 90.36
+      map_at_r | 65.70
+    """
     counts = {"num_queries", "num_gallery", "knn_k"}
     rows = []
     for name, value in metrics.items():

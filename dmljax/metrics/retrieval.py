@@ -71,7 +71,18 @@ def _check_indices(neighbor_indices, *, num_queries=None, num_gallery=None):
 
 
 def neighbor_hits(neighbor_indices, query_labels, gallery_labels=None) -> jax.Array:
-    """Bool [N, K]: neighbour i of query q has the query's label (rel_i above)."""
+    """Bool [N, K]: neighbour i of query q has the query's label (rel_i above).
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.metrics.retrieval import neighbor_hits
+      >>> labels = np.array([0, 0, 1, 1])
+      >>> print(neighbor_hits(np.array([[1, 2], [2, 0], [3, 0], [0, 2]]), labels))
+      [[ True False]
+       [False  True]
+       [ True False]
+       [False  True]]
+    """
     query_labels = check_labels(query_labels, name="query_labels")
     gallery_labels = query_labels if gallery_labels is None else check_labels(gallery_labels, name="gallery_labels")
     idx = _check_indices(neighbor_indices, num_queries=query_labels.shape[0], num_gallery=gallery_labels.shape[0])
@@ -83,6 +94,12 @@ def same_class_counts(query_labels, gallery_labels=None) -> jax.Array:
 
     Without ``gallery_labels`` the query set is the gallery and the query itself is not
     counted (R_q = class size - 1).
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.metrics.retrieval import same_class_counts
+      >>> print(same_class_counts(np.array([0, 0, 0, 1, 1])))
+      [2 2 2 1 1]
     """
     query_labels = check_labels(query_labels, name="query_labels")
     self_search = gallery_labels is None
@@ -98,6 +115,12 @@ def required_neighbors(query_labels, gallery_labels=None, *, ks: Sequence[int] =
 
     MAP@R and R-precision need max R_q = the largest class size (minus 1 in the
     self protocol), Musgrave et al. 2020.
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.metrics.retrieval import required_neighbors
+      >>> required_neighbors(np.array([0, 0, 0, 1, 1]), ks=(1, 4))
+      4
     """
     r = same_class_counts(query_labels, gallery_labels)
     return int(max([int(jnp.max(r)) if r.size else 0, *[int(k) for k in ks], 1]))
@@ -137,19 +160,42 @@ def _mean_over(values, include) -> jax.Array:
 
 
 def recall_at_k(hits, *, k: int) -> jax.Array:
-    """Recall@k (DML definition): mean over queries of [any of the first k neighbours is a hit]."""
+    """Recall@k (DML definition): mean over queries of [any of the first k neighbours is a hit].
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.metrics.retrieval import recall_at_k
+      >>> hits = np.array([[False, True], [True, False], [False, False]])
+      >>> round(float(recall_at_k(hits, k=1)), 4), round(float(recall_at_k(hits, k=2)), 4)
+      (0.3333, 0.6667)
+    """
     hits = _check_hits(hits)
     k = _check_k(k, available=hits.shape[1])
     return jnp.mean(jnp.any(hits[:, :k], axis=1))
 
 
 def precision_at_1(hits) -> jax.Array:
-    """Fraction of queries whose nearest neighbour shares their label."""
+    """Fraction of queries whose nearest neighbour shares their label.
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.metrics.retrieval import precision_at_1
+      >>> round(float(precision_at_1(np.array([[True, False], [False, True]]))), 4)
+      0.5
+    """
     return recall_at_k(hits, k=1)
 
 
 def r_precision(hits, num_relevant) -> jax.Array:
-    """Mean over queries with R_q > 0 of (hits among the first R_q neighbours) / R_q."""
+    """Mean over queries with R_q > 0 of (hits among the first R_q neighbours) / R_q.
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.metrics.retrieval import r_precision
+      >>> hits = np.array([[True, False, True], [False, True, False]])
+      >>> round(float(r_precision(hits, np.array([2, 1]))), 4)
+      0.25
+    """
     hits = _check_hits(hits)
     num_relevant = _check_counts(num_relevant, hits)
     rank = jnp.arange(1, hits.shape[1] + 1)
@@ -160,7 +206,15 @@ def r_precision(hits, num_relevant) -> jax.Array:
 
 def map_at_r(hits, num_relevant) -> jax.Array:
     """MAP@R (Musgrave et al. 2020): mean over queries with R_q > 0 of
-    (1 / R_q) sum_{i <= R_q} P(i) rel_i."""
+    (1 / R_q) sum_{i <= R_q} P(i) rel_i.
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.metrics.retrieval import map_at_r
+      >>> hits = np.array([[True, False, True], [False, True, False]])
+      >>> round(float(map_at_r(hits, np.array([2, 1]))), 4)
+      0.25
+    """
     hits = _check_hits(hits)
     num_relevant = _check_counts(num_relevant, hits)
     rank = jnp.arange(1, hits.shape[1] + 1)
@@ -171,7 +225,14 @@ def map_at_r(hits, num_relevant) -> jax.Array:
 
 
 def mean_reciprocal_rank(hits) -> jax.Array:
-    """Mean of 1 / (rank of the first hit); a query without a hit in its K neighbours adds 0."""
+    """Mean of 1 / (rank of the first hit); a query without a hit in its K neighbours adds 0.
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.metrics.retrieval import mean_reciprocal_rank
+      >>> round(float(mean_reciprocal_rank(np.array([[True, False], [False, True]]))), 4)
+      0.75
+    """
     hits = _check_hits(hits)
     rank = jnp.arange(1, hits.shape[1] + 1)
     first = jnp.argmax(hits, axis=1)
@@ -180,7 +241,15 @@ def mean_reciprocal_rank(hits) -> jax.Array:
 
 
 def ndcg_at_k(hits, num_relevant, *, k: int) -> jax.Array:
-    """nDCG@k with binary relevance (Saeki et al., MPA), mean over queries with R_q > 0."""
+    """nDCG@k with binary relevance (Saeki et al., MPA), mean over queries with R_q > 0.
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.metrics.retrieval import ndcg_at_k
+      >>> hits = np.array([[False, True], [True, False]])
+      >>> round(float(ndcg_at_k(hits, np.array([1, 1]), k=2)), 4)
+      0.8155
+    """
     hits = _check_hits(hits)
     k = _check_k(k, available=hits.shape[1])
     num_relevant = jnp.asarray(num_relevant)
@@ -207,6 +276,14 @@ def retrieval_metrics(
     ``gallery_labels=None`` is the query-in-gallery protocol (indices from
     ``knn(query, k=..)`` with self excluded). The neighbour lists must be at least
     ``required_neighbors(query_labels, gallery_labels, ks=ks)`` long.
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.metrics.retrieval import retrieval_metrics
+      >>> neighbors = np.array([[1, 2], [2, 0], [3, 0], [0, 2]])
+      >>> m = retrieval_metrics(neighbors, np.array([0, 0, 1, 1]), ks=(1, 2))
+      >>> {k: round(float(v), 4) for k, v in sorted(m.items())}
+      {'map_at_r': 0.5, 'mrr': 0.75, 'ndcg@1': 0.5, 'ndcg@2': 0.8155, 'precision_at_1': 0.5, 'r_precision': 0.5, 'recall@1': 0.5, 'recall@2': 1.0}
     """
     ks = tuple(int(k) for k in ks)
     ndcg_ks = ks if ndcg_ks is None else tuple(int(k) for k in ndcg_ks)

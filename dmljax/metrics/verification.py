@@ -75,7 +75,18 @@ def _check_scores(scores, labels, *, scores_name="scores", labels_name="is_posit
 
 def pair_scores(x, y, *, metric: str = "cosine") -> np.ndarray:
     """Row-wise similarity scores of pairs (x_i, y_i), larger = more alike: cosine
-    similarity, dot product, or minus the (squared) euclidean distance. [P, D] x2 -> [P]."""
+    similarity, dot product, or minus the (squared) euclidean distance. [P, D] x2 -> [P].
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.metrics.verification import pair_scores
+      >>> x = np.array([[1.0, 0.0], [0.0, 1.0]])
+      >>> y = np.array([[1.0, 0.0], [1.0, 0.0]])
+      >>> print(pair_scores(x, y))
+      [1. 0.]
+      >>> print(np.round(pair_scores(x, y, metric="euclidean"), 4) + 0.0)
+      [ 0.     -1.4142]
+    """
     check_choice(metric, name="metric", choices=KNN_METRICS)
     x = check_embeddings(x, name="x")
     y = check_embeddings(y, name="y")
@@ -92,7 +103,19 @@ def pair_scores(x, y, *, metric: str = "cosine") -> np.ndarray:
 def roc_curve(scores, is_positive):
     """(fpr, tpr, thresholds): one point per distinct score (descending), preceded by
     (0, 0) at threshold +inf. Same points as ``sklearn.metrics.roc_curve(...,
-    drop_intermediate=False)``."""
+    drop_intermediate=False)``.
+
+    Examples:
+      >>> import numpy as np
+      >>> scores = np.array([0.9, 0.8, 0.7, 0.4, 0.3, 0.1])
+      >>> is_positive = np.array([True, True, False, True, False, False])
+      >>> from dmljax.metrics.verification import roc_curve
+      >>> fpr, tpr, thresholds = roc_curve(scores, is_positive)
+      >>> print(fpr.round(3).tolist())
+      [0.0, 0.0, 0.0, 0.333, 0.333, 0.667, 1.0]
+      >>> print(tpr.round(3).tolist())
+      [0.0, 0.333, 0.667, 0.667, 1.0, 1.0, 1.0]
+    """
     s, y = _check_scores(scores, is_positive)
     order = np.argsort(-s, kind="stable")
     s, y = s[order], y[order]
@@ -105,13 +128,32 @@ def roc_curve(scores, is_positive):
 
 
 def roc_auc(scores, is_positive) -> float:
-    """Area under the ROC curve (trapezoids; ties count one half)."""
+    """Area under the ROC curve (trapezoids; ties count one half).
+
+    Examples:
+      >>> import numpy as np
+      >>> scores = np.array([0.9, 0.8, 0.7, 0.4, 0.3, 0.1])
+      >>> is_positive = np.array([True, True, False, True, False, False])
+      >>> from dmljax.metrics.verification import roc_auc
+      >>> round(roc_auc(scores, is_positive), 4)
+      0.8889
+    """
     fpr, tpr, _ = roc_curve(scores, is_positive)
     return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
 
 
 def equal_error_rate(scores, is_positive) -> tuple[float, float]:
-    """(EER, threshold) where FAR = FRR, interpolated linearly between ROC points."""
+    """(EER, threshold) where FAR = FRR, interpolated linearly between ROC points.
+
+    Examples:
+      >>> import numpy as np
+      >>> scores = np.array([0.9, 0.8, 0.7, 0.4, 0.3, 0.1])
+      >>> is_positive = np.array([True, True, False, True, False, False])
+      >>> from dmljax.metrics.verification import equal_error_rate
+      >>> eer, threshold = equal_error_rate(scores, is_positive)
+      >>> round(eer, 4), round(threshold, 4)
+      (0.3333, 0.7)
+    """
     fpr, tpr, thr = roc_curve(scores, is_positive)
     frr = 1.0 - tpr
     gap = fpr - frr  # increases from -1 to +1 along the curve
@@ -125,7 +167,16 @@ def equal_error_rate(scores, is_positive) -> tuple[float, float]:
 
 
 def tar_at_far(scores, is_positive, fars: Sequence[float]) -> np.ndarray:
-    """True accept rate at each target false accept rate (largest TAR with FAR <= target)."""
+    """True accept rate at each target false accept rate (largest TAR with FAR <= target).
+
+    Examples:
+      >>> import numpy as np
+      >>> scores = np.array([0.9, 0.8, 0.7, 0.4, 0.3, 0.1])
+      >>> is_positive = np.array([True, True, False, True, False, False])
+      >>> from dmljax.metrics.verification import tar_at_far
+      >>> print(tar_at_far(scores, is_positive, fars=(0.0, 0.34)))
+      [0.66666667 1.        ]
+    """
     fpr, tpr, _ = roc_curve(scores, is_positive)
     fars = np.asarray(fars, dtype=np.float64).reshape(-1)
     if np.any((fars < 0) | (fars > 1)) or not np.all(np.isfinite(fars)):
@@ -148,7 +199,17 @@ def _accuracies(s, y):
 
 def best_threshold(scores, is_positive) -> tuple[float, float]:
     """(threshold, accuracy) maximising accuracy of ``score >= threshold``; the smallest
-    such threshold (a mid-point between distinct scores) on ties."""
+    such threshold (a mid-point between distinct scores) on ties.
+
+    Examples:
+      >>> import numpy as np
+      >>> scores = np.array([0.9, 0.8, 0.7, 0.4, 0.3, 0.1])
+      >>> is_positive = np.array([True, True, False, True, False, False])
+      >>> from dmljax.metrics.verification import best_threshold
+      >>> threshold, accuracy = best_threshold(scores, is_positive)
+      >>> round(threshold, 4), round(accuracy, 4)
+      (0.35, 0.8333)
+    """
     s, y = _check_scores(scores, is_positive, need_both=False)
     candidates, acc = _accuracies(s, y)
     j = int(np.argmax(acc))
@@ -156,7 +217,16 @@ def best_threshold(scores, is_positive) -> tuple[float, float]:
 
 
 def accuracy_at_threshold(scores, is_positive, threshold: float) -> float:
-    """Fraction of pairs classified correctly by ``score >= threshold``."""
+    """Fraction of pairs classified correctly by ``score >= threshold``.
+
+    Examples:
+      >>> import numpy as np
+      >>> scores = np.array([0.9, 0.8, 0.7, 0.4, 0.3, 0.1])
+      >>> is_positive = np.array([True, True, False, True, False, False])
+      >>> from dmljax.metrics.verification import accuracy_at_threshold
+      >>> round(accuracy_at_threshold(scores, is_positive, 0.5), 4)
+      0.6667
+    """
     s, y = _check_scores(scores, is_positive, need_both=False)
     if not np.isfinite(threshold):
         raise ValueError(f"threshold must be finite, got {threshold}")
@@ -164,7 +234,17 @@ def accuracy_at_threshold(scores, is_positive, threshold: float) -> float:
 
 
 def threshold_transfer(train_scores, train_is_positive, test_scores, test_is_positive) -> dict[str, float]:
-    """Pick the threshold on the train split, report accuracy on both splits."""
+    """Pick the threshold on the train split, report accuracy on both splits.
+
+    Examples:
+      >>> import numpy as np
+      >>> scores = np.array([0.9, 0.8, 0.7, 0.4, 0.3, 0.1])
+      >>> is_positive = np.array([True, True, False, True, False, False])
+      >>> from dmljax.metrics.verification import threshold_transfer
+      >>> m = threshold_transfer(scores, is_positive, scores - 0.2, is_positive)
+      >>> {k: round(float(v), 4) for k, v in sorted(m.items())}
+      {'test_accuracy': 0.6667, 'threshold': 0.35, 'train_accuracy': 0.8333}
+    """
     t, train_acc = best_threshold(train_scores, train_is_positive)
     test_acc = accuracy_at_threshold(test_scores, test_is_positive, t)
     return {"threshold": t, "train_accuracy": train_acc, "test_accuracy": test_acc}
@@ -180,6 +260,16 @@ def detection_identification_rate(nearest_distances, nearest_correct, is_known, 
       is_known: [P] bool, the probe's identity is enrolled in the gallery.
       false_alarm_rates: targets f; threshold t_f is the largest value such that the
         fraction of unknown probes with distance < t_f is <= f (accept iff d < t).
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.metrics.verification import detection_identification_rate
+      >>> distances = np.array([0.1, 0.2, 0.9, 0.5, 0.8])
+      >>> correct = np.array([True, True, False, False, False])
+      >>> known = np.array([True, True, True, False, False])
+      >>> rates, thresholds = detection_identification_rate(distances, correct, known, false_alarm_rates=(0.0, 0.5))
+      >>> print(rates)
+      [0.66666667 0.66666667]
     """
     d = np.asarray(nearest_distances, dtype=np.float64)
     correct = np.asarray(nearest_correct, dtype=bool)
@@ -207,7 +297,17 @@ def open_set_identification(probe_embeddings, probe_labels, gallery_embeddings, 
                             metric: str = "euclidean") -> dict[str, np.ndarray]:
     """Open-set identification: nearest gallery item of each probe (on-device kNN), then
     `detection_identification_rate`. Returns {"false_alarm_rates", "dir", "thresholds",
-    "closed_set_rank1"} (rank-1 accuracy of the known probes, i.e. DIR at FAR = 1)."""
+    "closed_set_rank1"} (rank-1 accuracy of the known probes, i.e. DIR at FAR = 1).
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.metrics.verification import open_set_identification
+      >>> gallery = np.array([[0.0, 0.0], [10.0, 0.0]])
+      >>> probes = np.array([[0.1, 0.0], [9.9, 0.0], [5.0, 5.0]])
+      >>> m = open_set_identification(probes, np.array([0, 1, 7]), gallery, np.array([0, 1]), false_alarm_rates=(0.0,))
+      >>> {k: np.round(np.asarray(v, dtype=np.float64), 4).tolist() for k, v in sorted(m.items())}
+      {'closed_set_rank1': 1.0, 'dir': [1.0], 'false_alarm_rates': [0.0], 'thresholds': [7.0711]}
+    """
     probe_labels = np.asarray(probe_labels)
     gallery_labels = np.asarray(gallery_labels)
     n = np.shape(probe_embeddings)[0] if np.ndim(probe_embeddings) == 2 else None
@@ -228,7 +328,15 @@ def open_set_identification(probe_embeddings, probe_labels, gallery_embeddings, 
 def knn_anomaly_scores(test_embeddings, train_embeddings=None, *, k: int = 1, metric: str = "euclidean",
                        block_size: int = 1024) -> np.ndarray:
     """Distance of each test item to its k-th nearest normal (train) item; without
-    ``train_embeddings`` the test set itself, excluding the item."""
+    ``train_embeddings`` the test set itself, excluding the item.
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.metrics.verification import knn_anomaly_scores
+      >>> train = np.array([[0.0], [1.0], [2.0]])
+      >>> print(knn_anomaly_scores(np.array([[1.0], [5.0]]), train, k=1))
+      [0. 3.]
+    """
     _, dist = knn(test_embeddings, train_embeddings, k=k, metric=metric, block_size=block_size)
     return np.asarray(dist[:, -1])
 
@@ -236,7 +344,15 @@ def knn_anomaly_scores(test_embeddings, train_embeddings=None, *, k: int = 1, me
 def class_center_anomaly_scores(test_embeddings, train_embeddings, train_labels, *,
                                 metric: str = "euclidean") -> np.ndarray:
     """Distance of each test item to the nearest class centre (mean of the train embeddings
-    of the class; for "cosine" the centre of the L2-normalised embeddings)."""
+    of the class; for "cosine" the centre of the L2-normalised embeddings).
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.metrics.verification import class_center_anomaly_scores
+      >>> train = np.array([[0.0], [2.0], [10.0], [12.0]])
+      >>> print(class_center_anomaly_scores(np.array([[1.0], [6.0]]), train, np.array([0, 0, 1, 1])))
+      [0. 5.]
+    """
     train = check_embeddings(train_embeddings, name="train_embeddings")
     labels = np.asarray(train_labels)
     if labels.shape != (train.shape[0],):
@@ -255,5 +371,12 @@ def class_center_anomaly_scores(test_embeddings, train_embeddings, train_labels,
 
 
 def anomaly_auroc(scores, is_anomaly) -> float:
-    """AUROC of anomaly scores (larger = more anomalous) against the anomaly flags."""
+    """AUROC of anomaly scores (larger = more anomalous) against the anomaly flags.
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.metrics.verification import anomaly_auroc
+      >>> round(anomaly_auroc(np.array([0.1, 0.2, 0.9, 0.8]), np.array([False, False, True, True])), 4)
+      1.0
+    """
     return roc_auc(scores, is_anomaly)
