@@ -1,11 +1,11 @@
-"""experiments.rerank: similarity-network re-ranking report (tiny sizes)."""
+"""dmljax.train.rerank: similarity-network re-ranking report (tiny sizes)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import rerank as rr
+from dmljax.train import rerank as rr
 
 FAST = {"rerank_steps": 150, "rerank_hidden": (32, 32), "rerank_batch_size": 128, "rerank_learning_rate": 3e-3,
         "rerank_neighbours": 10, "rerank_k": 8}
