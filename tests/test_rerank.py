@@ -78,7 +78,7 @@ def test_report_matches_numpy_reference(monkeypatch):
     assert after[0] > before[0]  # the known score reads the class dims: a real improvement
 
 
-@pytest.mark.slow  # 7-16 s; the suite's 10-minute budget (session 4; covered by faster unit tests): -m slow
+@pytest.mark.slow  # 7-16 s; the suite's 10-minute budget (covered by faster unit tests): -m slow
 def test_learned_reranker_improves_r1_when_the_metric_is_misled():
     # unseen test classes: the network must learn a comparison, not memorise classes
     xtr, ytr = _misled(1, 24, 8, 0)

@@ -139,7 +139,7 @@ def test_run_is_deterministic_and_finite(task, tmp_path):
     assert (tmp_path / "config.json").exists()
 
 
-@pytest.mark.slow  # 7-16 s; the suite's 10-minute budget (session 4; covered by faster unit tests): -m slow
+@pytest.mark.slow  # 7-16 s; the suite's 10-minute budget (covered by faster unit tests): -m slow
 def test_multilabel_sampling_sees_more_positive_pairs_than_first_label_baseline():
     multi = _cached("multilabel")
     first = _cached("multilabel", ("loss.label_mode", "first"))

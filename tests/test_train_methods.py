@@ -291,7 +291,7 @@ def test_memory_trains_end_to_end(tmp_path):
     _check_finite_run(tmp_path, _main(tmp_path, "memory.size=32", "loss.name=contrastive"))
 
 
-@pytest.mark.slow  # 7-16 s; the suite's 10-minute budget (session 4; covered by faster unit tests): -m slow
+@pytest.mark.slow  # 7-16 s; the suite's 10-minute budget (covered by faster unit tests): -m slow
 def test_memory_objective_matches_xbm_and_the_concatenation_fallback():
     from dmljax.losses.contrastive_family import supcon_loss
     from dmljax.memory import xbm_enqueue, xbm_loss
@@ -341,7 +341,7 @@ def test_distillation_trains_a_smaller_student(tmp_path, teacher_dir, capsys):
     assert f"teacher: {teacher_dir} (step 2)" in capsys.readouterr().out
 
 
-@pytest.mark.slow  # 7-16 s; the suite's 10-minute budget (session 4; covered by faster unit tests): -m slow
+@pytest.mark.slow  # 7-16 s; the suite's 10-minute budget (covered by faster unit tests): -m slow
 def test_distillation_step_adds_rkd_of_the_teacher_embeddings(teacher_dir):
     from dmljax.losses.distillation import rkd_angle_loss, rkd_distance_loss
     from dmljax.losses.weighted import multi_similarity_loss
