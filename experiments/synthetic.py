@@ -1,6 +1,8 @@
-"""Synthetic multi-label and cross-modal retrieval tasks (issue 8): data, training, evaluation.
+"""Synthetic multi-label and cross-modal retrieval tasks: data, training, evaluation.
 
-    from experiments.configs import get_config
+    python -m experiments.synthetic --config synthetic_multilabel --set loss.label_mode=first
+
+    from dmljax.configs import get_config
     from experiments.synthetic import run
     metrics = run(get_config("synthetic_multilabel"), "runs/synthetic_multilabel")
 
@@ -71,7 +73,7 @@ from dmljax.metrics.retrieval import neighbor_hits, retrieval_metrics
 from dmljax.models.cross_modal import MLPEncoder, TwoBranchEmbedding, modality_aware_triplet_loss
 from dmljax.train.optim import make_optimizer
 
-__all__ = ["TASKS", "make_multilabel_data", "make_cross_modal_data", "map_at_all", "run"]
+__all__ = ["TASKS", "main", "make_multilabel_data", "make_cross_modal_data", "map_at_all", "run"]
 
 TASKS = ("multilabel", "cross_modal")
 
@@ -203,10 +205,9 @@ def map_at_all(neighbor_indices, query_labels, gallery_labels) -> float:
 
 # ----------------------------------------------------------------------------- training
 def _sub(config, name):
-    section = config.get(name) if hasattr(config, "get") else getattr(config, name, None)
-    if section is None:
+    if name not in config:
         raise ValueError(f"config.{name} is missing")
-    return section
+    return config[name]
 
 
 def _optimizer(o) -> optax.GradientTransformation:
@@ -260,7 +261,7 @@ def _run_multilabel(config) -> dict[str, float]:
     model = MLPEncoder(data["x_train"].shape[1], int(m.embedding_dim), hidden=tuple(m.hidden),
                        rngs=nnx.Rngs(params=jax.random.key(config.seed)))
     graphdef, params = nnx.split(model)
-    num_anchors = int(loss_cfg.num_anchors) if loss_cfg.get("num_anchors") else None
+    num_anchors = int(loss_cfg.num_anchors) or None
 
     def loss_of_model(net, batch):
         emb = l2_normalize(net(batch["x"]))
@@ -357,8 +358,7 @@ def run(config, workdir: str | os.PathLike | None = None) -> dict[str, float]:
     ``workdir`` (optional): receives ``config.json`` and ``final.json`` (the returned metrics).
     """
     t0 = time.perf_counter()
-    task = _choice(config.get("task") if hasattr(config, "get") else getattr(config, "task", None),
-                   name="config.task", choices=TASKS)
+    task = _choice(config.task, name="config.task", choices=TASKS)
     if isinstance(config.seed, bool) or not isinstance(config.seed, (int, np.integer)) or config.seed < 0:
         raise ValueError(f"config.seed must be an int >= 0, got {config.seed!r}")
     out = _run_multilabel(config) if task == "multilabel" else _run_cross_modal(config)
@@ -373,14 +373,19 @@ def run(config, workdir: str | os.PathLike | None = None) -> dict[str, float]:
     return out
 
 
-if __name__ == "__main__":
-    import sys
-
-    from experiments.configs import get_config
-    from experiments.train import apply_overrides
-
-    # python -m experiments.synthetic [config name] [key=value ...]
-    name = sys.argv[1] if len(sys.argv) > 1 else "synthetic_multilabel"
-    cfg = apply_overrides(get_config(name), sys.argv[2:])
-    for key_, value in run(cfg, cfg.get("workdir")).items():
+def main(argv=None) -> dict[str, float]:
+    """``python -m experiments.synthetic --config synthetic_multilabel --set loss.label_mode=first``:
+    the `dmljax.train.cli` flags (``--config`` a synthetic config of `dmljax.configs`, ``--set``,
+    ``--workdir``); prints and returns the metrics."""
+    from dmljax.train.cli import build_parser, parse_config
+    args = build_parser(description="Synthetic multi-label / cross-modal retrieval tasks.",
+                        default_config="synthetic_multilabel").parse_args(argv)
+    config = parse_config(args)
+    out = run(config, args.workdir or config.workdir)
+    for key_, value in out.items():
         print(f"{key_:<28} {value:.4f}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
