@@ -105,7 +105,7 @@ def test_model_shapes_and_norms():
     assert with_backbone(jnp.ones((2, 8, 8, 1)))[0].shape == (2, 8)
 
 
-@pytest.mark.slow  # 7-16 s; the suite's 10-minute budget (session 4; covered by faster unit tests): -m slow
+@pytest.mark.slow  # 7-16 s; the suite's 10-minute budget (covered by faster unit tests): -m slow
 def test_hybrid_loss_is_the_sum_of_two_hybrid_terms_and_training_reduces_it():
     rng = np.random.default_rng(4)
     labels = np.repeat(np.arange(4), 4).astype(np.int32)
