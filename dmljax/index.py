@@ -357,10 +357,10 @@ _DIGEST_BYTES = 32  # sha256 of everything before it
 _HEADER_LEN_BYTES = 8
 # usearch metric for each dmljax metric (distances are recomputed exactly for the returned rows)
 _HNSW_METRICS = {"cosine": "cos", "euclidean": "l2sq", "squared_euclidean": "l2sq", "dot": "ip"}
-# usearch defaults (connectivity = HNSW's M, expansion_add = efConstruction, expansion_search = ef)
-# except expansion_search: 64 -> 128, which gives recall@10 >= 0.95 on the clustered benchmark
-# set (experiments/bench/index.py)
-HNSW_DEFAULTS = {"connectivity": 16, "expansion_add": 128, "expansion_search": 128}
+# usearch's defaults (connectivity = HNSW's M, expansion_add = efConstruction, expansion_search =
+# ef). Measured with experiments/bench/index.py on 100k clustered embeddings, D=128, cosine,
+# 1000 held-out queries: recall@10 = 0.9996 against exact search (the same at ef 64, 128, 256).
+HNSW_DEFAULTS = {"connectivity": 16, "expansion_add": 128, "expansion_search": 64}
 
 
 def _import_usearch():

@@ -40,7 +40,7 @@ def test_hnsw_search_agrees_with_the_exact_loop(metric):
 
 def test_hnsw_add_remove_save_load(tmp_path):
     g, y = _clustered(2, 200, 8)
-    index = EmbeddingIndex(8, metric="cosine", backend="hnsw", hnsw_options={"expansion_search": 64})
+    index = EmbeddingIndex(8, metric="cosine", backend="hnsw", hnsw_options={"expansion_search": 32})
     index.add(g[:100], y[:100])
     index.search(g[:3], k=3)  # builds the graph
     index.add(g[100:], y[100:])  # updates it
@@ -51,7 +51,7 @@ def test_hnsw_add_remove_save_load(tmp_path):
     path = tmp_path / "ann.dmlidx"
     index.save(path)
     loaded = EmbeddingIndex.load(path)
-    assert loaded.backend == "hnsw" and loaded.hnsw_options["expansion_search"] == 64
+    assert loaded.backend == "hnsw" and loaded.hnsw_options["expansion_search"] == 32
     assert loaded._ann is not None and len(loaded._ann) == 100  # the graph was stored, not rebuilt
     np.testing.assert_array_equal(loaded.search(g[1:20:2], k=4).ids, index.search(g[1:20:2], k=4).ids)
 
