@@ -535,8 +535,11 @@ class EmbeddingIndex:
         if self._id_order is None:
             self._id_order = np.argsort(self._ids, kind="stable")
         sorted_ids = self._ids[self._id_order]
-        pos = np.minimum(np.searchsorted(sorted_ids, ids), max(len(self) - 1, 0))
-        found = (len(self) > 0) & (sorted_ids[pos] == ids) if len(self) else np.zeros(ids.shape, bool)
+        if len(self) == 0:
+            pos, found = np.zeros(ids.shape, np.int64), np.zeros(ids.shape, bool)
+        else:
+            pos = np.minimum(np.searchsorted(sorted_ids, ids), len(self) - 1)
+            found = sorted_ids[pos] == ids
         if not np.all(found):
             raise ValueError(f"ids not in the index: {ids[~found][:10].tolist()}")
         return self._id_order[pos]

@@ -95,6 +95,8 @@ def test_remove_is_all_or_nothing():
     with pytest.raises(ValueError, match="^ids must be"):
         index.add(np.zeros((2, 4)), ids=[1.5, 2.5])
     assert len(index) == 12
+    with pytest.raises(ValueError, match="^ids not in the index: \\[5\\]"):
+        EmbeddingIndex(4).remove([5])
 
 
 def test_search_on_an_empty_index_and_dimension_mismatch(tmp_path):
