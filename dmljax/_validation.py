@@ -115,6 +115,20 @@ def check_scalar(
     return value
 
 
+def check_positive_int(value: Any, *, name: str) -> int:
+    """A Python integer >= 1 (bools refused); ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_bool(value: Any, *, name: str) -> bool:
+    """A Python (or numpy) bool option; ValueError naming ``name``."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be a Python bool, got {value!r}")
+    return bool(value)
+
+
 def check_choice(value: Any, *, name: str, choices: tuple[Any, ...]) -> Any:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")

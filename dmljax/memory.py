@@ -23,12 +23,10 @@ role of the in-batch pairs, with the gradient flowing through the anchor side on
 exactly as in PML). Slots never written yet are excluded (``valid``).
 
 Supported losses (PML semantics, where ``loss(embeddings, labels, indices_tuple,
-ref_emb, ref_labels)`` is evaluated on all pairs between the batch and the memory):
-"contrastive" (`dmljax.losses.pair.contrastive_loss` defaults), "multi_similarity"
-(`dmljax.losses.weighted.multi_similarity_loss` defaults; ``mining=False`` by
-default, i.e. PML's ``CrossBatchMemory(MultiSimilarityLoss())`` without a miner),
-"triplet" (`dmljax.losses.triplet.triplet_margin_loss` with ``mining`` "all" or
-"batch_hard"), or any callable ``fn(matrix, positive, negative) -> scalar`` on the
+ref_emb, ref_labels)`` is evaluated on all pairs between the batch and the memory): every
+pair loss of `dmljax.losses` through its reference form (``ref_embeddings`` / ``ref_labels``
+/ ``ref_valid``, the own copies removed by ``pair_weights``), by name (`XBM_LOSSES`) or as
+the function itself; or any callable ``fn(matrix, positive, negative) -> scalar`` on the
 [B, M] matrix of ``metric`` and the bool masks.
 
 Training with XBM (for the trainer): put an `XBMState` next to the parameters in the
@@ -42,7 +40,7 @@ which still enqueues) before that step.
 
 from __future__ import annotations
 
-import numbers
+import inspect
 from typing import Callable, NamedTuple
 
 import jax
@@ -50,16 +48,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmljax import distances
-from dmljax._validation import check_choice, check_embeddings, check_labels, check_scalar, check_valid
-from dmljax.losses.triplet import _all_triplets_hinge, _reduce as _triplet_reduce
+from dmljax._validation import check_choice, check_embeddings, check_labels, check_positive_int, check_valid
 from dmljax.masks import label_masks
-from dmljax.mining.miners import batch_hard
-from dmljax.mining.weighting import multi_similarity_mining
-from dmljax.reductions import REDUCTIONS, reduce_loss
+from dmljax.reductions import REDUCTIONS
 
 __all__ = ["XBM_LOSSES", "XBMState", "xbm_enqueue", "xbm_init", "xbm_loss", "with_xbm"]
 
-XBM_LOSSES = ("contrastive", "multi_similarity", "triplet")
+XBM_LOSSES = ("contrastive", "multi_similarity", "triplet", "circle", "lifted_structured",
+              "generalized_lifted_structured", "ranked_list", "npair", "angular", "supcon")
 
 
 class XBMState(NamedTuple):
@@ -75,20 +71,14 @@ class XBMState(NamedTuple):
     pointer: jax.Array
 
 
-def _check_size(value, *, name):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def xbm_init(size: int, dim: int, *, dtype=jnp.float32, label_dtype=jnp.int32) -> XBMState:
     """An empty memory of ``size`` slots for ``dim``-dimensional embeddings.
 
     The paper's memory sizes are a few thousand to the whole training set
     (e.g. M = 55k on SOP with batch 64); PML's default is 1024.
     """
-    size = _check_size(size, name="size")
-    dim = _check_size(dim, name="dim")
+    size = check_positive_int(size, name="size")
+    dim = check_positive_int(dim, name="dim")
     if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
         raise ValueError(f"dtype must be a floating dtype, got {dtype}")
     if not jnp.issubdtype(jnp.dtype(label_dtype), jnp.integer):
@@ -155,64 +145,47 @@ def xbm_enqueue(state: XBMState, embeddings: jax.Array, labels: jax.Array, *, ma
     )
 
 
-# ----------------------------------------------------------------------------- query x reference cores
+# ----------------------------------------------------------------------------- losses by name
 
 
-def _contrastive(mat, positive, negative, *, similarity, pos_margin=0.0, neg_margin=1.0, reduction="mean_nonzero"):
-    if similarity:
-        pos_values, neg_values = jax.nn.relu(pos_margin - mat), jax.nn.relu(mat - neg_margin)
-    else:
-        check_scalar(pos_margin, name="pos_margin", min_value=0.0)
-        check_scalar(neg_margin, name="neg_margin", min_value=0.0)
-        pos_values, neg_values = jax.nn.relu(mat - pos_margin), jax.nn.relu(neg_margin - mat)
-    return (reduce_loss(pos_values, positive, reduction=reduction)
-            + reduce_loss(neg_values, negative, reduction=reduction))
+def _named_losses():
+    from dmljax import losses
+
+    return {
+        "contrastive": losses.contrastive_loss,
+        "multi_similarity": losses.multi_similarity_loss,
+        "triplet": losses.triplet_margin_loss,
+        "circle": losses.circle_loss,
+        "lifted_structured": losses.lifted_structured_loss,
+        "generalized_lifted_structured": losses.generalized_lifted_structured_loss,
+        "ranked_list": losses.ranked_list_loss,
+        "npair": losses.npair_loss,
+        "angular": losses.angular_loss,
+        "supcon": losses.supcon_loss,
+    }
 
 
-def _masked_log1p_sum_exp(values, mask):
-    """Row-wise log(1 + sum_mask exp(v)), 0 for an empty row, finite gradient (double where)."""
-    row_max = jnp.max(jnp.where(mask, values, -jnp.inf), axis=1)
-    row_max = jax.lax.stop_gradient(jnp.maximum(jnp.where(jnp.isfinite(row_max), row_max, 0.0), 0.0))
-    shifted = jnp.where(mask, values - row_max[:, None], 0.0)
-    total = jnp.sum(jnp.where(mask, jnp.exp(shifted), 0.0), axis=1)
-    return jnp.log(total + jnp.exp(-row_max)) + row_max
+# memory-specific defaults (PML's CrossBatchMemory wraps the loss without a miner)
+_XBM_DEFAULTS = {"multi_similarity": {"mining": False}}
+_RESERVED = ("embeddings", "labels", "ref_embeddings", "ref_labels", "ref_valid", "valid", "pair_weights")
 
 
-def _multi_similarity(sim, positive, negative, anchor_weights, *, alpha=2.0, beta=50.0, base=0.5,
-                      epsilon=0.1, mining=False, reduction="mean"):
-    check_scalar(alpha, name="alpha", min_value=0.0, min_inclusive=False)
-    check_scalar(beta, name="beta", min_value=0.0, min_inclusive=False)
-    check_scalar(base, name="base")
-    if mining:
-        positive, negative = multi_similarity_mining(jax.lax.stop_gradient(sim), positive, negative,
-                                                     epsilon=epsilon)
-    pos_term = _masked_log1p_sum_exp(-alpha * (sim - base), positive) / alpha
-    neg_term = _masked_log1p_sum_exp(beta * (sim - base), negative) / beta
-    return reduce_loss(pos_term + neg_term, anchor_weights, reduction=reduction)
+def _takes_reference(fn) -> bool:
+    try:
+        return "ref_embeddings" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
-def _triplet(mat, positive, negative, *, similarity, margin=0.2, mining="all", reduction="mean_nonzero"):
-    check_choice(mining, name="mining", choices=("all", "batch_hard"))
-    check_scalar(margin, name="margin", min_value=0.0)
-    d = -mat if similarity else mat  # similarities: larger = closer
-    if mining == "all":
-        per_anchor, num, nonzero = _all_triplets_hinge(d, positive, negative, margin, semihard_window=False)
-        return _triplet_reduce(per_anchor, num, nonzero, reduction)
-    mined = batch_hard(d, positive, negative)
-    d_ap = jnp.sum(mined.positive_weights * d, axis=1)
-    d_an = jnp.sum(mined.negative_weights * d, axis=1)
-    values = jnp.where(mined.valid, jax.nn.relu(d_ap - d_an + margin), 0.0)
-    num = mined.valid.astype(d.dtype)
-    return _triplet_reduce(values, num, (mined.valid & (values > 0)).astype(d.dtype), reduction)
-
-
-_LOSS_OPTIONS = {
-    "contrastive": ("pos_margin", "neg_margin", "reduction"),
-    "multi_similarity": ("alpha", "beta", "base", "epsilon", "mining", "reduction"),
-    "triplet": ("margin", "mining", "reduction"),
-}
-
-_DEFAULT_METRIC = {"contrastive": "euclidean", "multi_similarity": "cosine", "triplet": "euclidean"}
+def _check_options(fn, name, loss_kwargs):
+    params = inspect.signature(fn).parameters
+    options = tuple(k for k, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY and k not in _RESERVED)
+    unknown = sorted(set(loss_kwargs) - set(options))
+    if unknown:
+        raise ValueError(f"loss_kwargs: {unknown} are not options of the {name} loss (options: {options})")
+    if loss_kwargs.get("reduction") == "none":
+        raise ValueError("reduction must give a scalar loss for the memory, got 'none'")
+    return options
 
 
 def xbm_loss(
@@ -234,18 +207,23 @@ def xbm_loss(
          batch rows (with gradient), references every filled memory slot (constants);
       3. positive / negative masks from the labels, minus padded rows, unfilled slots and
          each row's own copy (its slot) -- the self-pair;
-      4. the loss on (S, positive, negative).
+      4. the loss in its reference form: ``loss(embeddings, labels, ref_embeddings=memory,
+         ref_labels=..., ref_valid=filled slots, valid=valid, pair_weights=not own copy,
+         **loss_kwargs)`` -- the public loss itself, no copy of its body.
 
     Args:
-      loss: "contrastive" (kwargs pos_margin=0, neg_margin=1, reduction="mean_nonzero"; PML
-        defaults), "multi_similarity" (alpha=2, beta=50, base=0.5, mining=False, epsilon=0.1,
-        reduction="mean"; paper / PML defaults), "triplet" (margin=0.2 as FaceNet,
-        mining="all" | "batch_hard", reduction="mean_nonzero"), or a callable
-        ``fn(matrix [B, M], positive [B, M] bool, negative [B, M] bool) -> scalar``.
+      loss: a name in `XBM_LOSSES` ("contrastive", "multi_similarity", "triplet", "circle",
+        "lifted_structured", "generalized_lifted_structured", "ranked_list", "npair", "angular",
+        "supcon": the `dmljax.losses` function of that name with its defaults, except
+        multi-similarity's ``mining=False``, PML's ``CrossBatchMemory`` without a miner); any
+        loss function taking ``ref_embeddings`` (e.g. ``dmljax.losses.contrastive_loss``); or a
+        callable ``fn(matrix [B, M], positive [B, M] bool, negative [B, M] bool) -> scalar``.
+        ``loss_kwargs`` are the loss's keyword options (ValueError for unknown ones).
       embeddings: [B, D] float, B <= M. labels: [B] int (same dtype family as the memory).
       state: `XBMState` from `xbm_init` / a previous call.
-      metric: distance or similarity of `dmljax.distances.pairwise`; defaults: euclidean
-        (contrastive, triplet, callables), cosine (multi-similarity, which needs cosine).
+      metric: distance or similarity of `dmljax.distances.pairwise`, for losses with a
+        ``metric`` option (default: the loss's) and matrix callables (default euclidean); losses
+        without one (multi-similarity, circle: cosine) accept only "cosine".
       valid: optional [B] bool: padded rows are neither enqueued nor anchors.
       use_memory: False computes the same loss on the batch alone (warm-up phase of the
         paper) but still enqueues the batch, so the memory is full when XBM starts.
@@ -258,50 +236,47 @@ def xbm_loss(
     labels = check_labels(labels, batch_size=x.shape[0])
     valid = check_valid(valid, batch_size=x.shape[0])
     if callable(loss):
-        name = None
+        name, fn = getattr(loss, "__name__", "callable"), loss
+        pair_form = _takes_reference(loss)
     else:
         name = check_choice(loss, name="loss", choices=XBM_LOSSES)
-    if metric is None:
-        metric = _DEFAULT_METRIC.get(name, "euclidean")
-    check_choice(metric, name="metric", choices=tuple(distances.METRICS))
-    if name == "multi_similarity" and metric != "cosine":
-        raise ValueError(f"metric must be 'cosine' for the multi-similarity loss, got {metric!r}")
-    if name is not None:
-        unknown = sorted(set(loss_kwargs) - set(_LOSS_OPTIONS[name]))
-        if unknown:
-            raise ValueError(f"loss_kwargs: {unknown} are not options of the {name} loss "
-                             f"(options: {_LOSS_OPTIONS[name]})")
-        if "reduction" in loss_kwargs:
-            check_choice(loss_kwargs["reduction"], name="reduction", choices=REDUCTIONS)
+        fn, pair_form = _named_losses()[name], True
+        loss_kwargs = {**_XBM_DEFAULTS.get(name, {}), **loss_kwargs}
     if not isinstance(use_memory, bool):
         raise ValueError(f"use_memory must be a Python bool, got {use_memory!r}")
+    if pair_form:
+        options = _check_options(fn, name, loss_kwargs)
+        if metric is not None:
+            if "metric" in options:
+                loss_kwargs = {**loss_kwargs, "metric": metric}
+            elif metric != "cosine":
+                raise ValueError(f"metric must be 'cosine' for the {name} loss (it has no metric option), "
+                                 f"got {metric!r}")
+    else:
+        if metric is None:
+            metric = "euclidean"
+        check_choice(metric, name="metric", choices=tuple(distances.METRICS))
+        if loss_kwargs:
+            raise ValueError(f"loss_kwargs are not used with a callable loss, got {sorted(loss_kwargs)}")
     new_state = xbm_enqueue(state, x, labels, mask=valid)
 
     if use_memory:
         # the memory is a constant: no gradient reaches stored items, even old ones
-        refs = jax.lax.stop_gradient(new_state.embeddings)
-        positive, negative = label_masks(labels, new_state.labels, valid=valid, ref_valid=new_state.valid)
+        refs = jax.lax.stop_gradient(new_state.embeddings).astype(x.dtype)
         slots, _ = _batch_slots(state, x.shape[0], valid)
-        own_copy = slots[:, None] == jnp.arange(refs.shape[0])[None, :]
-        positive = positive & ~own_copy
-        negative = negative & ~own_copy
-        mat = distances.pairwise(x, refs.astype(x.dtype), metric=metric)
+        not_own_copy = slots[:, None] != jnp.arange(refs.shape[0])[None, :]
+        if pair_form:
+            value = fn(x, labels, ref_embeddings=refs, ref_labels=new_state.labels.astype(labels.dtype),
+                       ref_valid=new_state.valid, valid=valid, pair_weights=not_own_copy, **loss_kwargs)
+        else:
+            positive, negative = label_masks(labels, new_state.labels, valid=valid, ref_valid=new_state.valid)
+            mat = distances.pairwise(x, refs, metric=metric)
+            value = fn(mat, positive & not_own_copy, negative & not_own_copy)
+    elif pair_form:
+        value = fn(x, labels, valid=valid, **loss_kwargs)
     else:
         positive, negative = label_masks(labels, valid=valid)
-        mat = distances.pairwise(x, metric=metric)
-
-    similarity = distances.is_similarity(metric)
-    if name is None:
-        if loss_kwargs:
-            raise ValueError(f"loss_kwargs are not used with a callable loss, got {sorted(loss_kwargs)}")
-        value = loss(mat, positive, negative)
-    elif name == "contrastive":
-        value = _contrastive(mat, positive, negative, similarity=similarity, **loss_kwargs)
-    elif name == "triplet":
-        value = _triplet(mat, positive, negative, similarity=similarity, **loss_kwargs)
-    else:
-        anchor_weights = jnp.ones(x.shape[0], mat.dtype) if valid is None else valid.astype(mat.dtype)
-        value = _multi_similarity(mat, positive, negative, anchor_weights, **loss_kwargs)
+        value = fn(distances.pairwise(x, metric=metric), positive, negative)
     return value, new_state
 
 
@@ -313,6 +288,8 @@ def with_xbm(loss: str | Callable, *, metric: str | None = None, **loss_kwargs):
     """
     if not callable(loss):
         check_choice(loss, name="loss", choices=XBM_LOSSES)
+    if "reduction" in loss_kwargs:
+        check_choice(loss_kwargs["reduction"], name="reduction", choices=REDUCTIONS)
     if loss_kwargs.get("reduction") == "none":
         raise ValueError("reduction must give a scalar loss for training, got 'none'")
     check_choice(loss_kwargs.get("reduction", "mean"), name="reduction", choices=REDUCTIONS)

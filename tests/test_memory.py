@@ -341,7 +341,7 @@ def test_bad_input_raises_naming_the_argument():
     with pytest.raises(ValueError, match="^state"):
         xbm_loss("contrastive", x, y, (state.embeddings, state.labels))
     with pytest.raises(ValueError, match="^loss"):
-        xbm_loss("circle", x, y, state)
+        xbm_loss("proxy_anchor", x, y, state)
     with pytest.raises(ValueError, match="^metric"):
         xbm_loss("multi_similarity", x, y, state, metric="euclidean")
     with pytest.raises(ValueError, match="^neg_margin"):
@@ -349,7 +349,7 @@ def test_bad_input_raises_naming_the_argument():
     with pytest.raises(ValueError, match="^margin"):
         xbm_loss("triplet", x, y, state, margin=-0.1)
     with pytest.raises(ValueError, match="^mining"):
-        xbm_loss("triplet", x, y, state, mining="semihard")
+        xbm_loss("triplet", x, y, state, mining="semi-hard")
     with pytest.raises(ValueError, match="^reduction"):
         with_xbm("contrastive", reduction="none")
     with pytest.raises(ValueError, match="^loss_kwargs"):
@@ -372,3 +372,22 @@ def test_matches_pml_cross_batch_memory(name, kw):
         ours, state = xbm_loss(name, x, y, state, **kw)
         theirs = loss_fn(torch.tensor(x), torch.tensor(y, dtype=torch.long))
         np.testing.assert_allclose(float(ours), float(theirs), rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["circle", "supcon", "generalized_lifted_structured", "ranked_list"])
+def test_any_pair_loss_runs_through_its_reference_form(name):
+    """xbm_loss(name) == the public loss on (batch, memory) with the own copies removed."""
+    from dmljax import losses
+
+    x, y = random_batch(3, batch=6, dim=4, classes=3)
+    state = xbm_enqueue(xbm_init(10, 4), *random_batch(4, batch=6, dim=4, classes=3))
+    value, new_state = xbm_loss(name, x, y, state)
+    fn = getattr(losses, f"{name}_loss")
+    own = np.zeros((6, 10), bool)
+    own[np.arange(6), (6 + np.arange(6)) % 10] = True  # the batch went to slots 6..11 mod 10
+    want = fn(x, y, ref_embeddings=new_state.embeddings, ref_labels=new_state.labels,
+              ref_valid=new_state.valid, pair_weights=~own)
+    np.testing.assert_allclose(float(value), float(want), rtol=1e-12)
+    # the function itself works as the loss too
+    value2, _ = xbm_loss(fn, x, y, state)
+    np.testing.assert_allclose(float(value2), float(value), rtol=1e-12)

@@ -1,7 +1,67 @@
 """dmljax.losses: pure loss functions ``loss(embeddings, labels, [learnable arrays], *, config)``.
 
-Families: pair/tuple (`pair`, `triplet`, `weighted`), proxy (`proxy`, `hyperbolic`),
-classification-margin (`classification`), seed families (`structured`), weight imprinting.
+Families: grouped by WHAT THE LOSS COMPARES (module in brackets)
+------------------------------------------------------------------
+* Pairs against margins -- contrastive / lifted: `contrastive_loss`, `lifted_structured_loss`,
+  `generalized_lifted_structured_loss` [pair]; `snr_contrastive_loss`,
+  `intra_pair_variance_loss`, `threshold_consistent_margin_loss`, `dynamic_soft_margin_loss`
+  [margin_family].
+* Triplets and tuples -- one positive against negatives of the same anchor:
+  `triplet_margin_loss`, `fraction_active_triplets` [triplet]; `quadruplet_loss`,
+  `angular_loss`, `npair_loss`, `tuplet_loss` [pair]; `tuplet_margin_loss`, `manifold_loss`
+  [margin_family]; `centroid_triplet_loss` [centroid]; `pn_loss` [contrastive_family];
+  `eet_loss` [structured]; `multilabel_triplet_loss` (dmljax.losses.multilabel).
+* Pair weighting -- every pair weighted by its hardness: `multi_similarity_loss`,
+  `circle_loss`, `margin_loss`, `log_ratio_loss` [weighted]; `ranked_list_loss` [pair];
+  `cbml_loss`, `gaussian_mixture_structured_loss` [structured].
+* Batch softmax -- a softmax over the batch (or a reference set): `supcon_loss`,
+  `ntxent_loss`, `nca_loss`, `soft_nearest_neighbour_loss`, `multiple_negatives_ranking_loss`,
+  `instance_loss`, `vicreg_loss` (self-supervised) [contrastive_family].
+* Proxies -- embeddings against learnable class proxies: `proxy_nca_loss`,
+  `proxy_anchor_loss`, `multi_proxy_anchor_loss`, `soft_triple_loss` [proxy]; `hier_loss`,
+  `hier_regularized_loss` (hyperbolic) [hyperbolic]; `hybrid_pair_proxy_loss` [structured];
+  `imprint_weights`, `nearest_proxy_predict` [imprinting].
+* Classification margin -- logits of a normalised classifier with an angular/additive margin:
+  `normalized_softmax_loss`, `cosface_loss`, `arcface_loss`, `subcenter_arcface_loss`,
+  `sphereface_loss`, `large_margin_softmax_loss`, `center_loss` [classification];
+  `p2sgrad_loss` [margin_family].
+* Ranking / AP -- a retrieval metric made differentiable: `fastap_loss`, `smooth_ap_loss`,
+  `pnp_loss`, `surrogate_precision_at_k_loss`, `histogram_loss` [ranking].
+* Distillation -- a student's geometry against a teacher's: `rkd_*` (dmljax.losses.distillation).
+* Combinators: `combine_losses` [structured]; `make_loss_ensemble` (dmljax.losses.ensemble).
+
+Common arguments of the pair-based losses (one core: `dmljax.losses._core.pair_set`)
+------------------------------------------------------------------------------------
+* ``valid`` [B] bool: padded rows take part in no pair (set to 0 before the matrix product:
+  NaN in a padded row reaches neither the value nor the gradient).
+* ``ref_embeddings`` [M, D], ``ref_labels`` [M], ``ref_valid`` [M]: pairs (query i,
+  reference j) instead of the batch's own pairs (PML's ``ref_emb`` / ``ref_labels``). The
+  self-pair (i, i) is excluded only when there is no reference set. Cross-batch memory
+  (`dmljax.memory`) and query/gallery training use this form.
+* ``pair_weights``: any miner's output from `dmljax.mining` -- a bool or real [B, M] array,
+  a ``(positive, negative)`` pair of them (`pair_margin`, `multi_similarity_mining`), or a
+  result with ``positive_weights`` / ``negative_weights`` (`batch_hard`). Weight 0 removes
+  the pair; each loss's docstring says how real weights enter (they scale pair terms, or the
+  terms inside a log-sum-exp; triplet losses use their support).
+* ``sample_weights`` [B] (no gradient): the weight of each anchor; "mean" then divides by
+  ``max(sum of the weights of the terms, 1)`` (PML's ClassWeightedReducer instead divides
+  by the number of terms: use ``reduction="sum"`` / N for it).
+
+Vocabulary (the same in every loss)
+-----------------------------------
+* ``reduction`` in {"mean", "sum", "mean_nonzero", "none"}: "mean_nonzero" is PML's
+  AvgNonZeroReducer (mean over terms with a positive loss, the count carrying no gradient);
+  "none" is ONE VALUE PER ANCHOR [B] for every loss that has anchors (the sum of its weighted
+  terms). "threshold" is not a loss option (ValueError): apply
+  `dmljax.reductions.reduce_loss(values, reduction="threshold", low=..., high=...)` to the
+  output of ``reduction="none"``.
+* mining names: "all", "batch_hard", "semihard" (FaceNet), "semihard_triplets" (PML's
+  TripletMarginMiner window), "hard" / "easy" (one positive or negative per anchor); old
+  spellings ("semi-hard", "hard" for batch-hard in `quadruplet_loss`) raise a ValueError naming
+  the new one. Booleans ``mining=True/False`` switch a loss's own miner (multi-similarity).
+* ``metric``: "euclidean", "squared_euclidean" (distances: smaller = closer) or "cosine",
+  "dot" (similarities: larger = closer; hinges flip, as in PML). `dmljax.distances.is_similarity`
+  says which.
 """
 
 from dmljax.losses.classification import (

@@ -35,7 +35,8 @@ from dmljax._validation import (
     check_valid,
 )
 from dmljax.distances import l2_normalize, safe_sqrt
-from dmljax.reductions import REDUCTIONS, reduce_loss
+from dmljax.losses._core import check_loss_reduction
+from dmljax.reductions import reduce_loss
 
 __all__ = [
     "arcface_loss",
@@ -122,7 +123,7 @@ def _target(values: jax.Array, target: jax.Array) -> jax.Array:
 
 def _check_common(scale, reduction, *, scale_name: str = "scale"):
     check_scalar(scale, name=scale_name, min_value=0.0, min_inclusive=False)
-    check_choice(reduction, name="reduction", choices=REDUCTIONS)
+    check_loss_reduction(reduction)
 
 
 # --------------------------------------------------------------------------- losses
@@ -158,7 +159,7 @@ def normalized_softmax_loss(
       scalar loss (or [B] per-row losses for reduction="none").
     """
     check_scalar(temperature, name="temperature", min_value=0.0, min_inclusive=False)
-    check_choice(reduction, name="reduction", choices=REDUCTIONS)
+    check_loss_reduction(reduction)
     x, labels, w, row_weights = _prepare(embeddings, labels, weights, valid)
     target = _one_hot(labels, w.shape[0])
     logits = _cosines(x, w) / temperature
@@ -236,7 +237,8 @@ def arcface_loss(
 
     Reference: Deng et al., "ArcFace: Additive Angular Margin Loss for Deep Face
     Recognition", CVPR 2019 (arXiv 1801.07698); defaults m = 0.5 rad, s = 64 from the
-    paper (PML expresses the same margin in degrees, 28.6).
+    paper. PML's ``ArcFaceLoss`` takes the margin in degrees with default 28.6, i.e.
+    0.49916 rad (not exactly 0.5): pass ``margin=math.radians(28.6)`` to match PML's default.
 
     Args:
       embeddings [B, D], labels [B] int, weights [C, D]; margin m in [0, pi) radians;
@@ -420,7 +422,7 @@ def center_loss(
       embeddings: [B, D]; labels: [B] int in [0, C); centers: [C, D]; valid: optional [B];
       reduction: "mean" (default), "sum", "mean_nonzero" or "none" ([B]).
     """
-    check_choice(reduction, name="reduction", choices=REDUCTIONS)
+    check_loss_reduction(reduction)
     x = check_embeddings(embeddings)
     c = _check_weights(centers, dim=x.shape[1], name="centers")
     labels = _check_class_labels(labels, num_classes=c.shape[0], batch_size=x.shape[0])

@@ -3,7 +3,7 @@ ranking, the instance loss, the VICReg self-supervised objective, and TF-Similar
 
 Each is a pure function on the B x B similarity/distance matrix (or, for the instance loss,
 the B x C class logits; for VICReg, the D x D feature covariances): no B x B x B tensor.
-Soft maxima use masked ``logsumexp`` (`dmljax.losses.pair._masked_logsumexp`), so empty sets
+Soft maxima use masked ``logsumexp`` (`dmljax._numerics.masked_logsumexp`), so empty sets
 (no positive, one class, one item) give 0 with a zero, finite gradient. Labels are integer
 class ids [B]; an optional ``valid`` [B] mask removes padded rows and columns.
 """
@@ -18,7 +18,9 @@ from dmljax import distances
 from dmljax._validation import check_choice, check_embeddings, check_scalar, check_valid
 from dmljax.losses.classification import _check_common, _one_hot, _target
 from dmljax.losses.classification import _prepare as _prepare_classes
-from dmljax.losses.pair import _check_reduction, _masked_logsumexp, _prepare
+from dmljax._numerics import masked_logsumexp
+from dmljax.losses._core import check_mining, pair_set, row_sum
+from dmljax.losses.pair import _check_reduction, _prepare
 from dmljax.reductions import masked_mean, reduce_loss
 
 __all__ = [
@@ -47,6 +49,11 @@ def supcon_loss(
     temperature: float = 0.1,
     reduction: str = "mean",
     valid: jax.Array | None = None,
+    ref_embeddings: jax.Array | None = None,
+    ref_labels: jax.Array | None = None,
+    ref_valid: jax.Array | None = None,
+    pair_weights=None,
+    sample_weights: jax.Array | None = None,
 ) -> jax.Array:
     """Supervised contrastive loss (Khosla et al., NeurIPS 2020, eq. 2 "L_out"; PML ``SupConLoss``).
 
@@ -59,16 +66,22 @@ def supcon_loss(
     uses 0.1 for its ResNet-50 results). Differences from PML: PML returns 0 when the whole
     batch has no negative, and its AvgNonZero reducer skips anchors whose loss is exactly 0;
     here the formula is applied as written (``reduction="mean_nonzero"`` gives PML's reducer).
+
+    ``ref_embeddings`` / ``ref_labels`` / ``ref_valid``, ``pair_weights``, ``sample_weights``:
+    the common arguments of the pair-based losses (`dmljax.losses`); real
+    pair weights scale the terms inside the softmax sums.
     """
     _check_temperature(temperature)
     _check_reduction(reduction)
-    x, _, valid, positive, negative = _prepare(embeddings, labels, valid)
-    logits = distances.cosine_similarity(x) / temperature
-    log_denominator, _ = _masked_logsumexp(logits, positive | negative, axis=1)
+    ps = pair_set(embeddings, labels, ref_embeddings, ref_labels, metric="cosine", valid=valid,
+                  ref_valid=ref_valid, pair_weights=pair_weights, sample_weights=sample_weights)
+    positive = ps.positive
+    logits = ps.matrix / temperature
+    log_denominator = masked_logsumexp(logits, positive | ps.negative, axis=1, weights=ps.pos_weight + ps.neg_weight)
     log_prob = logits - log_denominator[:, None]
-    mean_log_prob_pos = masked_mean(log_prob, positive, axis=1)
+    mean_log_prob_pos = masked_mean(log_prob, ps.pos_weight, axis=1)
     has_pos = jnp.any(positive, axis=1)
-    return reduce_loss(-mean_log_prob_pos, has_pos.astype(x.dtype), reduction=reduction)
+    return reduce_loss(-mean_log_prob_pos, jnp.where(has_pos, ps.anchor_weight, 0.0), reduction=reduction)
 
 
 # ----------------------------------------------------------------------------- NT-Xent
@@ -81,6 +94,11 @@ def ntxent_loss(
     temperature: float = 0.07,
     reduction: str = "mean",
     valid: jax.Array | None = None,
+    ref_embeddings: jax.Array | None = None,
+    ref_labels: jax.Array | None = None,
+    ref_valid: jax.Array | None = None,
+    pair_weights=None,
+    sample_weights: jax.Array | None = None,
 ) -> jax.Array:
     """Supervised NT-Xent / InfoNCE (Chen et al., SimCLR, ICML 2020; Sohn 2016), as PML ``NTXentLoss``.
 
@@ -92,15 +110,25 @@ def ntxent_loss(
     averaged over positive pairs (PML's ``pos_pair`` reduction). Unlike SupCon the other
     positives are not in the denominator. ``temperature`` 0.07 is PML's default (MoCo's value).
     With labels that pair each item with exactly one augmented view this is SimCLR's loss.
+
+    ``ref_embeddings`` / ``ref_labels`` / ``ref_valid``, ``pair_weights``, ``sample_weights``:
+    the common arguments of the pair-based losses (`dmljax.losses`); real
+    pair weights scale the terms inside the softmax sums.
     """
     _check_temperature(temperature)
     _check_reduction(reduction)
-    x, _, valid, positive, negative = _prepare(embeddings, labels, valid)
-    logits = distances.cosine_similarity(x) / temperature
-    log_neg, has_neg = _masked_logsumexp(logits, negative, axis=1)
+    ps = pair_set(embeddings, labels, ref_embeddings, ref_labels, metric="cosine", valid=valid,
+                  ref_valid=ref_valid, pair_weights=pair_weights, sample_weights=sample_weights)
+    positive, negative = ps.positive, ps.negative
+    logits = ps.matrix / temperature
+    log_neg = masked_logsumexp(logits, negative, axis=1, weights=ps.neg_weight)
+    has_neg = jnp.any(negative, axis=1)
     log_denominator = jnp.where(has_neg[:, None], jnp.logaddexp(logits, log_neg[:, None]), logits)
     values = jnp.where(positive, log_denominator - logits, 0.0)
-    return reduce_loss(values, positive.astype(x.dtype), reduction=reduction)
+    weights = ps.pos_weight * ps.anchor_weight[:, None]
+    if reduction == "none":
+        return row_sum(values, weights)
+    return reduce_loss(values, weights, reduction=reduction)
 
 
 # ----------------------------------------------------------------------------- NCA / SNN
@@ -109,8 +137,9 @@ def ntxent_loss(
 def _neighbour_softmax_loss(x, positive, negative, scale, reduction):
     """-log sum_{j in P_i} softmax_{j != i}(-scale * |x_i - x_j|^2), over anchors with a positive."""
     logits = -scale * distances.squared_euclidean(x)
-    log_pos, has_pos = _masked_logsumexp(logits, positive, axis=1)
-    log_all, _ = _masked_logsumexp(logits, positive | negative, axis=1)
+    log_pos = masked_logsumexp(logits, positive, axis=1)
+    has_pos = jnp.any(positive, axis=1)
+    log_all = masked_logsumexp(logits, positive | negative, axis=1)
     values = jnp.where(has_pos, log_all - log_pos, 0.0)
     return reduce_loss(values, has_pos.astype(x.dtype), reduction=reduction)
 
@@ -205,7 +234,7 @@ def multiple_negatives_ranking_loss(
     logits = scale * distances.cosine_similarity(a, p)
 
     def direction(mat):
-        lse, _ = _masked_logsumexp(mat, columns, axis=1)
+        lse = masked_logsumexp(mat, columns, axis=1)
         return jnp.where(rows, lse - jnp.diagonal(mat), 0.0)
 
     values = direction(logits)
@@ -310,7 +339,7 @@ def vicreg_loss(
 # ----------------------------------------------------------------------------- PN loss
 
 _PN_DISTANCES = {
-    "cosine": lambda x: 1.0 - distances.cosine_similarity(x),
+    "cosine_distance": lambda x: 1.0 - distances.cosine_similarity(x),
     "euclidean": distances.euclidean,
     "squared_euclidean": distances.squared_euclidean,
 }
@@ -322,9 +351,9 @@ def pn_loss(
     *,
     margin: float = 1.0,
     soft_margin: bool = False,
-    metric: str = "cosine",
+    metric: str = "cosine_distance",
     positive_mining: str = "hard",
-    negative_mining: str = "semi-hard",
+    negative_mining: str = "semihard",
     reduction: str = "mean",
     valid: jax.Array | None = None,
 ) -> jax.Array:
@@ -338,16 +367,17 @@ def pn_loss(
 
     reduced over anchors with a positive and a negative. Mining (TF-Similarity's options):
     ``positive_mining`` "hard" (farthest positive) | "easy" (closest); ``negative_mining``
-    "hard" (closest negative) | "easy" (farthest) | "semi-hard" (the closest negative farther
-    than the anchor's farthest positive, else the farthest negative). Defaults (margin 1,
-    cosine distance ``1 - cos``, hard positives, semi-hard negatives) are TF-Similarity's.
+    "hard" (closest negative) | "easy" (farthest) | "semihard" (formerly "semi-hard"; the closest negative farther
+    than the anchor's farthest positive, else the farthest negative). ``metric``:
+    "cosine_distance" (``1 - cos``; formerly spelled "cosine", which names the similarity in
+    every other loss), "euclidean" or "squared_euclidean". Defaults (margin 1, cosine distance, hard positives, semi-hard negatives) are TF-Similarity's.
     Indices are picked with ``argmax`` / ``argmin`` (static shapes); gradients flow through the
     selected distances only, as in TF-Similarity. Memory O(B^2).
     """
     check_scalar(margin, name="margin", min_value=0.0)
-    check_choice(metric, name="metric", choices=tuple(_PN_DISTANCES))
-    check_choice(positive_mining, name="positive_mining", choices=("hard", "easy"))
-    check_choice(negative_mining, name="negative_mining", choices=("hard", "semi-hard", "easy"))
+    check_mining(metric, tuple(_PN_DISTANCES), name="metric", renames={"cosine": "cosine_distance"})
+    check_mining(positive_mining, ("hard", "easy"), name="positive_mining")
+    check_mining(negative_mining, ("hard", "semihard", "easy"), name="negative_mining")
     _check_reduction(reduction)
     x, _, valid, positive, negative = _prepare(embeddings, labels, valid)
     dist = _PN_DISTANCES[metric](x)

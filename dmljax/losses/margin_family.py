@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmljax import distances
+from dmljax._numerics import masked_logsumexp
 from dmljax._validation import (
     check_embeddings,
     check_labels,
@@ -26,8 +27,10 @@ from dmljax._validation import (
     check_scalar,
     check_valid,
 )
+from dmljax.losses._core import check_loss_reduction as _check_reduction
+from dmljax.losses._core import row_sum
 from dmljax.masks import label_masks
-from dmljax.reductions import REDUCTIONS, reduce_loss
+from dmljax.reductions import reduce_loss
 
 __all__ = [
     "dynamic_soft_margin_loss",
@@ -47,22 +50,6 @@ def _prepare(embeddings, labels, valid):
     valid = check_valid(valid, batch_size=x.shape[0])
     positive, negative = label_masks(labels, valid=valid)
     return x, labels, valid, positive, negative
-
-
-def _check_reduction(reduction, allowed=REDUCTIONS):
-    if reduction not in allowed:
-        raise ValueError(f"reduction must be one of {allowed}, got {reduction!r}")
-    return reduction
-
-
-def _masked_log1p_sum_exp(logits, mask, axis=-1):
-    """``log(1 + sum_{mask} exp(logits))`` stably; 0 (zero gradient) where the mask is empty."""
-    masked = jnp.where(mask, logits, -jnp.inf)
-    peak = jnp.maximum(jnp.max(masked, axis=axis, keepdims=True), 0.0)
-    peak = jax.lax.stop_gradient(peak)
-    total = jnp.exp(-peak) + jnp.sum(jnp.where(mask, jnp.exp(jnp.where(mask, logits, 0.0) - peak), 0.0),
-                                     axis=axis, keepdims=True)
-    return jnp.squeeze(jnp.log(total) + peak, axis=axis)
 
 
 # --------------------------------------------------------------------------- tuplet margin
@@ -95,7 +82,7 @@ def tuplet_margin_loss(
     Args:
       embeddings: [B, D] floating. labels: [B] int. valid: optional bool [B] (padding).
     Returns:
-      scalar loss (or [B, B] per-pair values with ``reduction="none"``).
+      scalar loss (or [B] per-anchor sums over its positive pairs with ``reduction="none"``).
     """
     x, _, _, positive, negative = _prepare(embeddings, labels, valid)
     check_scalar(margin, name="margin", min_value=0.0, max_value=90.0)
@@ -112,6 +99,8 @@ def tuplet_margin_loss(
     has_neg = jnp.any(negative, axis=1)
     inner = jnp.where(has_neg[:, None], lse_neg[:, None] - scale * shifted_pos, -jnp.inf)
     per_pair = jnp.where(has_neg[:, None], jax.nn.softplus(jnp.where(has_neg[:, None], inner, 0.0)), 0.0)
+    if reduction == "none":
+        return row_sum(per_pair, positive.astype(per_pair.dtype))
     return reduce_loss(per_pair, positive, reduction=reduction)
 
 
@@ -453,7 +442,7 @@ def manifold_loss(
         own_score = jnp.sum(jnp.where(own, scores, 0.0), axis=1, keepdims=True)
         logits = scores - own_score + margin
         active = ~own & (logits >= 0)
-        return reduce_loss(_masked_log1p_sum_exp(logits, active), row_w, reduction="mean")
+        return reduce_loss(masked_logsumexp(logits, active, axis=-1, include_zero=True), row_w, reduction="mean")
 
     f_emb = f[:b]  # [B, n]
     f_prox = f[b:]  # [K, n]

@@ -20,9 +20,12 @@ import jax
 import jax.numpy as jnp
 
 from dmljax import distances
+from dmljax._numerics import class_ids, masked_logsumexp, row_hinge_total, segment_hinge_total
 from dmljax._validation import check_choice, check_embeddings, check_labels, check_scalar, check_valid
+from dmljax.losses._core import check_loss_reduction as _check_reduction
+from dmljax.losses._core import check_mining, pair_set, row_sum
 from dmljax.masks import label_masks
-from dmljax.reductions import REDUCTIONS, masked_mean, reduce_loss
+from dmljax.reductions import masked_mean, reduce_loss
 
 __all__ = [
     "angular_loss",
@@ -56,177 +59,6 @@ def _valid_rows(valid, batch_size, dtype):
     return valid.astype(dtype)
 
 
-def _masked_logsumexp(values, mask, axis=-1):
-    """log(sum_{mask} exp(values)) along ``axis`` and whether the set is non-empty.
-
-    Empty sets give 0 (not -inf) and a zero gradient: masked entries are replaced by a
-    safe value *before* ``exp`` (double ``where``), so no inf/NaN reaches the backward pass.
-    """
-    any_set = jnp.any(mask, axis=axis, keepdims=True)
-    shift = jnp.max(jnp.where(mask, values, -jnp.inf), axis=axis, keepdims=True)
-    shift = jax.lax.stop_gradient(jnp.where(any_set, shift, 0.0))
-    safe = jnp.where(mask, values, shift)
-    total = jnp.sum(jnp.where(mask, jnp.exp(safe - shift), 0.0), axis=axis, keepdims=True)
-    out = jnp.where(any_set, jnp.log(jnp.where(any_set, total, 1.0)) + shift, 0.0)
-    return jnp.squeeze(out, axis), jnp.squeeze(any_set, axis)
-
-
-def _check_reduction(reduction, allowed=REDUCTIONS):
-    return check_choice(reduction, name="reduction", choices=tuple(allowed))
-
-
-def _class_ids(labels):
-    """Dense class ids in [0, B): the index of the first item carrying the same label."""
-    return jnp.argmax(labels[:, None] == labels[None, :], axis=1).astype(jnp.int32)
-
-
-def _order_key(values):
-    """Order-preserving integer view of floats: non-negative floats compare like their bit
-    patterns, negative ones get their magnitude bits flipped (``_from_order_key`` inverts).
-
-    XLA:CPU sorts a single integer array much faster than floats or several operands (about
-    7x for 1M float32), so the hinge sums below sort keys only.
-    """
-    itype = jnp.int64 if values.dtype == jnp.float64 else jnp.int32
-    bits = jax.lax.bitcast_convert_type(values, itype)
-    return jnp.where(bits < 0, bits ^ jnp.iinfo(itype).max, bits)
-
-
-def _from_order_key(keys, dtype):
-    bits = jnp.where(keys < 0, keys ^ jnp.iinfo(keys.dtype).max, keys)
-    return jax.lax.bitcast_convert_type(bits, dtype)
-
-
-def _sort_rows(values):
-    """``jnp.sort(values, axis=-1)`` through the integer keys (same result, faster on CPU)."""
-    return _from_order_key(jax.lax.sort(_order_key(values), dimension=values.ndim - 1), values.dtype)
-
-
-def _row_search(sorted_rows, values, side):
-    return jax.vmap(lambda a, v: jnp.searchsorted(a, v, side=side))(sorted_rows, values)
-
-
-@jax.custom_vjp
-def _row_hinge_total(entries, entry_mask, queries, query_mask, center):
-    """``sum_r sum_{q in row r} sum_{e in row r} relu(q - e)`` over masked entries / queries [R, M].
-
-    Every row is a segment: its entries are sorted once, each query finds the entries below
-    it by binary search and takes their count and (prefix) sum, so the R x M x M comparison
-    tensor is never built: O(R M log M) time, O(R M) memory. ``center`` (a constant shift of
-    every value, e.g. the mean entry) keeps the float32 prefix sums small; it cancels.
-    The gradient is counting: d/dq = #entries below q, d/de = -#queries above e (same row).
-    """
-    return _row_hinge_forward(entries, entry_mask, queries, query_mask, center)[0]
-
-
-def _row_hinge_forward(entries, entry_mask, queries, query_mask, center):
-    inf = jnp.asarray(jnp.inf, entries.dtype)
-    sorted_e = _sort_rows(jnp.where(entry_mask, entries, inf))
-    finite = jnp.isfinite(sorted_e)
-    prefix = jnp.cumsum(jnp.where(finite, sorted_e - center, 0.0), axis=1)
-    prefix = jnp.concatenate([jnp.zeros_like(prefix[:, :1]), prefix], axis=1)
-    below = _row_search(sorted_e, queries, "left")  # entries strictly below each query
-    sum_below = jnp.take_along_axis(prefix, below, axis=1)
-    hinge = below.astype(entries.dtype) * (queries - center) - sum_below
-    total = jnp.sum(jnp.where(query_mask, hinge, 0.0))
-    return total, below
-
-
-def _row_hinge_fwd(entries, entry_mask, queries, query_mask, center):
-    total, below = _row_hinge_forward(entries, entry_mask, queries, query_mask, center)
-    return total, (entries, entry_mask, queries, query_mask, below)
-
-
-def _row_hinge_bwd(residuals, g):
-    entries, entry_mask, queries, query_mask, below = residuals
-    sorted_q = _sort_rows(jnp.where(query_mask, queries, jnp.asarray(-jnp.inf, queries.dtype)))
-    # left-out queries sit at -inf (before every entry): the count above e is M - #(q <= e)
-    above = queries.shape[1] - _row_search(sorted_q, entries, "right")
-    d_entries = jnp.where(entry_mask, -g * above.astype(entries.dtype), 0.0)
-    d_queries = jnp.where(query_mask, g * below.astype(queries.dtype), 0.0)
-    return d_entries, None, d_queries, None, jnp.zeros((), entries.dtype)
-
-
-_row_hinge_total.defvjp(_row_hinge_fwd, _row_hinge_bwd)
-
-
-def _lex_search(sorted_seg, sorted_val, seg, val, side):
-    """Per (seg, val): the number of sorted (segment, value) pairs before it (binary search on
-    the lexicographic order; ``side="left"``: pairs < (seg, val), "right": <=)."""
-    n = sorted_seg.shape[0]
-    lo = jnp.zeros(seg.shape, jnp.int32)
-    hi = jnp.full(seg.shape, n, jnp.int32)
-
-    def step(_, bounds):
-        lo, hi = bounds
-        mid = (lo + hi) // 2
-        at = jnp.minimum(mid, n - 1)
-        s, v = sorted_seg[at], sorted_val[at]
-        value_before = v < val if side == "left" else v <= val
-        before = (s < seg) | ((s == seg) & value_before)
-        open_ = lo < hi
-        return jnp.where(open_ & before, mid + 1, lo), jnp.where(open_ & ~before, mid, hi)
-
-    lo, _ = jax.lax.fori_loop(0, max(n, 1).bit_length(), step, (lo, hi))
-    return lo
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _segment_hinge_total(entries, entry_seg, queries, query_seg, center, num_segments):
-    """``sum_q sum_{e: seg(e) = seg(q)} relu(q - e)`` over flat entries / queries with integer
-    segments in [0, num_segments] (``num_segments`` marks entries / queries left out).
-
-    Entries are sorted by (segment, value) once; per query a lexicographic binary search
-    gives the count and prefix sum of the entries of its segment below it. O(E log E +
-    Q log E) time, O(E + Q) memory; counting gradient as `_row_hinge_total` (the queries
-    above an entry come from a histogram of the queries' insertion points, so the backward
-    pass needs no second sort).
-    """
-    return _segment_hinge_forward(entries, entry_seg, queries, query_seg, center, num_segments)[0]
-
-
-def _segment_hinge_forward(entries, entry_seg, queries, query_seg, center, num_segments):
-    order = jnp.arange(entries.shape[0], dtype=jnp.int32)
-    seg_s, val_s, perm = jax.lax.sort((entry_seg, entries, order), num_keys=2)
-    prefix = jnp.cumsum(jnp.where(seg_s < num_segments, val_s - center, 0.0))
-    prefix = jnp.concatenate([jnp.zeros_like(prefix[:1]), prefix])
-    counts = jax.ops.segment_sum(jnp.ones_like(entry_seg), entry_seg, num_segments=num_segments + 1)
-    start = jnp.cumsum(counts) - counts  # first sorted position of every segment
-    upto = _lex_search(seg_s, val_s, query_seg, queries, "left")
-    q_start = start[query_seg]
-    below = upto - q_start
-    hinge = below.astype(entries.dtype) * (queries - center) - (prefix[upto] - prefix[q_start])
-    total = jnp.sum(jnp.where(query_seg < num_segments, hinge, 0.0))
-    return total, (seg_s, perm, upto, below, start, counts)
-
-
-def _segment_hinge_fwd(entries, entry_seg, queries, query_seg, center, num_segments):
-    total, aux = _segment_hinge_forward(entries, entry_seg, queries, query_seg, center, num_segments)
-    return total, (entries, query_seg, *aux)
-
-
-def _segment_hinge_bwd(num_segments, residuals, g):
-    entries, query_seg, seg_s, perm, upto, below, start, counts = residuals
-    # Queries inserted at sorted position u (u entries before them) are above the entries at
-    # positions < u of their segment. Segment c's positions are shifted by c so the insertion
-    # point after its last entry does not coincide with the first one of segment c + 1.
-    n = entries.shape[0]
-    valid_q = query_seg < num_segments
-    hist = jnp.zeros(n + num_segments + 2, entries.dtype).at[upto + query_seg].add(valid_q.astype(entries.dtype))
-    suffix = jnp.cumsum(hist[::-1])[::-1]  # suffix[t] = queries at shifted positions >= t
-    suffix = jnp.concatenate([suffix, jnp.zeros_like(suffix[:1])])
-    end = start + counts  # one past the last position of every segment
-    shift = seg_s + jnp.arange(n, dtype=seg_s.dtype)
-    above_sorted = suffix[shift + 1] - suffix[end[seg_s] + seg_s + 1]
-    d_sorted = jnp.where(seg_s < num_segments, -g * above_sorted, 0.0)
-    d_entries = jnp.zeros_like(entries).at[perm].set(d_sorted)
-    d_queries = jnp.where(valid_q, g * below.astype(entries.dtype), 0.0)
-    return d_entries, None, d_queries, None, jnp.zeros((), entries.dtype)
-
-
-_segment_hinge_total.defvjp(_segment_hinge_fwd, _segment_hinge_bwd)
-
-
 # ----------------------------------------------------------------------------- contrastive
 
 
@@ -240,6 +72,11 @@ def contrastive_loss(
     squared: bool = False,
     reduction: str = "mean_nonzero",
     valid: jax.Array | None = None,
+    ref_embeddings: jax.Array | None = None,
+    ref_labels: jax.Array | None = None,
+    ref_valid: jax.Array | None = None,
+    pair_weights=None,
+    sample_weights: jax.Array | None = None,
 ) -> jax.Array:
     """Contrastive loss (Hadsell, Chopra & LeCun, CVPR 2006), PML ``ContrastiveLoss`` semantics.
 
@@ -256,14 +93,17 @@ def contrastive_loss(
     The positive and the negative terms are reduced separately and added (PML):
     ``reduction="mean_nonzero"`` (PML's default AvgNonZeroReducer: mean over pairs with
     non-zero loss), "mean" (mean over all positive pairs + mean over all negative pairs),
-    "sum", or "none" (the [B, B] matrix of per-pair losses).
+    "sum", or "none" ([B]: per anchor, the sum of its weighted pair terms).
 
     Defaults pos_margin=0, neg_margin=1 are PML's; Hadsell et al. leave m to the user.
+
+    ``ref_embeddings`` / ``ref_labels`` / ``ref_valid``, ``pair_weights``, ``sample_weights``:
+    the common arguments of the pair-based losses (`dmljax.losses`).
 
     Args:
       embeddings: [B, D] float. labels: [B] int class ids. valid: optional [B] bool.
     Returns:
-      scalar loss (or [B, B] for reduction="none").
+      scalar loss (or [B] for reduction="none").
     """
     check_choice(metric, name="metric", choices=tuple(distances.METRICS))
     _check_reduction(reduction)
@@ -274,8 +114,9 @@ def contrastive_loss(
     else:
         check_scalar(pos_margin, name="pos_margin")
         check_scalar(neg_margin, name="neg_margin")
-    x, _, valid, positive, negative = _prepare(embeddings, labels, valid)
-    mat = distances.pairwise(x, metric=metric)
+    ps = pair_set(embeddings, labels, ref_embeddings, ref_labels, metric=metric, valid=valid,
+                  ref_valid=ref_valid, pair_weights=pair_weights, sample_weights=sample_weights)
+    mat = ps.matrix
     if similarity:
         pos_values = jax.nn.relu(pos_margin - mat)
         neg_values = jax.nn.relu(mat - neg_margin)
@@ -285,10 +126,12 @@ def contrastive_loss(
     if squared:
         pos_values = 0.5 * jnp.square(pos_values)
         neg_values = 0.5 * jnp.square(neg_values)
+    pos_w = ps.pos_weight * ps.anchor_weight[:, None]
+    neg_w = ps.neg_weight * ps.anchor_weight[:, None]
     if reduction == "none":
-        return jnp.where(positive, pos_values, 0.0) + jnp.where(negative, neg_values, 0.0)
-    return (reduce_loss(pos_values, positive, reduction=reduction)
-            + reduce_loss(neg_values, negative, reduction=reduction))
+        return row_sum(pos_values, pos_w) + row_sum(neg_values, neg_w)
+    return (reduce_loss(pos_values, pos_w, reduction=reduction)
+            + reduce_loss(neg_values, neg_w, reduction=reduction))
 
 
 # ----------------------------------------------------------------------------- lifted structure
@@ -302,6 +145,11 @@ def lifted_structured_loss(
     metric: str = "euclidean",
     reduction: str = "mean",
     valid: jax.Array | None = None,
+    ref_embeddings: jax.Array | None = None,
+    ref_labels: jax.Array | None = None,
+    ref_valid: jax.Array | None = None,
+    pair_weights=None,
+    sample_weights: jax.Array | None = None,
 ) -> jax.Array:
     """Lifted structured loss, the smooth upper bound of Song et al., CVPR 2016 (arXiv 1511.06452).
 
@@ -320,7 +168,14 @@ def lifted_structured_loss(
     pos_margin=0)`` on the same distances (PML normalises embeddings by default).
 
     Default margin 1 is the paper's (alpha = 1). ``reduction``: "mean" (the paper's
-    1/(2|P|) sum), "sum", "mean_nonzero", or "none" ([B, B] of [J_ij]_+^2 / 2).
+    1/(2|P|) sum), "sum", "mean_nonzero", or "none" ([B]: per anchor i, sum_j [J_ij]_+^2 / 2).
+    In the reference form a reference j has no negatives of its own, so
+    ``J_ij = log sum_{k in N(i)} exp(m - D_ik) + D_ij`` (the anchor's negatives only); PML's
+    ``ref_emb`` form compares query and reference indices there and is not reproduced.
+    Negative pair weights scale the terms inside the log-sum-exp.
+
+    ``ref_embeddings`` / ``ref_labels`` / ``ref_valid``, ``pair_weights``, ``sample_weights``:
+    the common arguments of the pair-based losses (`dmljax.losses`).
 
     Args:
       embeddings: [B, D] float. labels: [B] int. valid: optional [B] bool.
@@ -329,16 +184,26 @@ def lifted_structured_loss(
     check_choice(metric, name="metric", choices=_DISTANCE_METRICS)
     _check_reduction(reduction)
     check_scalar(margin, name="margin", min_value=0.0)
-    x, _, valid, positive, negative = _prepare(embeddings, labels, valid)
-    dist = distances.pairwise(x, metric=metric)
-    per_item, has_negative = _masked_logsumexp(margin - dist, negative, axis=1)
-    li, lj = per_item[:, None], per_item[None, :]
-    hi, hj = has_negative[:, None], has_negative[None, :]
-    log_neg = jnp.where(hi & hj, jnp.logaddexp(li, lj), jnp.where(hi, li, lj))
+    ps = pair_set(embeddings, labels, ref_embeddings, ref_labels, metric=metric, valid=valid,
+                  ref_valid=ref_valid, pair_weights=pair_weights, sample_weights=sample_weights)
+    dist, negative = ps.matrix, ps.negative
+    per_item = masked_logsumexp(margin - dist, negative, axis=1, weights=ps.neg_weight)
+    has_negative = jnp.any(negative, axis=1)
+    if ps.self_form:
+        li, lj = per_item[:, None], per_item[None, :]
+        hi, hj = has_negative[:, None], has_negative[None, :]
+        log_neg = jnp.where(hi & hj, jnp.logaddexp(li, lj), jnp.where(hi, li, lj))
+        has_any = hi | hj
+    else:  # a reference has no negatives of its own: the anchor's only
+        log_neg = per_item[:, None]
+        has_any = jnp.broadcast_to(has_negative[:, None], dist.shape)
     j_values = log_neg + dist
     values = 0.5 * jnp.square(jax.nn.relu(j_values))
-    values = jnp.where(hi | hj, values, 0.0)
-    return reduce_loss(values, positive, reduction=reduction)
+    values = jnp.where(has_any, values, 0.0)
+    weights = ps.pos_weight * ps.anchor_weight[:, None]
+    if reduction == "none":
+        return row_sum(values, weights)
+    return reduce_loss(values, weights, reduction=reduction)
 
 
 def generalized_lifted_structured_loss(
@@ -350,6 +215,11 @@ def generalized_lifted_structured_loss(
     metric: str = "euclidean",
     reduction: str = "mean",
     valid: jax.Array | None = None,
+    ref_embeddings: jax.Array | None = None,
+    ref_labels: jax.Array | None = None,
+    ref_valid: jax.Array | None = None,
+    pair_weights=None,
+    sample_weights: jax.Array | None = None,
 ) -> jax.Array:
     """Generalised lifted structure loss (Hermans, Beyer & Leibe 2017, arXiv 1703.07737, p. 4).
 
@@ -363,6 +233,9 @@ def generalized_lifted_structured_loss(
     (pos_margin 0, neg_margin 1) are PML's; Hermans et al. write a single margin m on the
     negative side, i.e. pos_margin = 0.
 
+    ``ref_embeddings`` / ``ref_labels`` / ``ref_valid``, ``pair_weights``, ``sample_weights``:
+    the common arguments of the pair-based losses (`dmljax.losses`).
+
     Args:
       embeddings: [B, D] float. labels: [B] int. valid: optional [B] bool.
       reduction: "mean", "sum", "mean_nonzero" or "none" ([B] per anchor).
@@ -371,12 +244,13 @@ def generalized_lifted_structured_loss(
     _check_reduction(reduction)
     check_scalar(pos_margin, name="pos_margin", min_value=0.0)
     check_scalar(neg_margin, name="neg_margin", min_value=0.0)
-    x, _, valid, positive, negative = _prepare(embeddings, labels, valid)
-    dist = distances.pairwise(x, metric=metric)
-    pos_lse, _ = _masked_logsumexp(dist - pos_margin, positive, axis=1)
-    neg_lse, _ = _masked_logsumexp(neg_margin - dist, negative, axis=1)
+    ps = pair_set(embeddings, labels, ref_embeddings, ref_labels, metric=metric, valid=valid,
+                  ref_valid=ref_valid, pair_weights=pair_weights, sample_weights=sample_weights)
+    dist = ps.matrix
+    pos_lse = masked_logsumexp(dist - pos_margin, ps.positive, axis=1, weights=ps.pos_weight)
+    neg_lse = masked_logsumexp(neg_margin - dist, ps.negative, axis=1, weights=ps.neg_weight)
     values = jax.nn.relu(pos_lse + neg_lse)
-    return reduce_loss(values, _valid_rows(valid, x.shape[0], values.dtype), reduction=reduction)
+    return reduce_loss(values, ps.anchor_weight, reduction=reduction)
 
 
 # ----------------------------------------------------------------------------- N-pair
@@ -390,6 +264,11 @@ def npair_loss(
     pairs: str = "all",
     reduction: str = "mean",
     valid: jax.Array | None = None,
+    ref_embeddings: jax.Array | None = None,
+    ref_labels: jax.Array | None = None,
+    ref_valid: jax.Array | None = None,
+    pair_weights=None,
+    sample_weights: jax.Array | None = None,
 ) -> jax.Array:
     """Multi-class N-pair loss (Sohn, NeurIPS 2016) with its L2 embedding regulariser.
 
@@ -416,21 +295,44 @@ def npair_loss(
     ``l2_reg * mean over valid items of ||f_i||^2``. PML's ``NPairsLoss`` has no regulariser
     (``l2_reg=0`` matches it). Embeddings should NOT be L2-normalised (the paper's setting).
 
+    ``ref_embeddings`` / ``ref_labels`` / ``ref_valid``, ``pair_weights``, ``sample_weights``:
+    the common arguments of the pair-based losses (`dmljax.losses`).
+
     Args:
       embeddings: [B, D] float. labels: [B] int. valid: optional [B] bool.
-      reduction: "mean" or "sum" over tuples (the regulariser is always a mean).
+      reduction: "mean", "sum", "mean_nonzero" over tuples (the regulariser is always a mean),
+        or "none" ([B]: per anchor the sum of its tuples' losses + l2_reg ||f_i||^2; pairs="all").
+
+    PML ``NPairsLoss`` uses its default ``DotProductSimilarity`` whose default
+    ``normalize_embeddings=True`` normalises the embeddings: pass unit vectors (and
+    ``l2_reg=0``) to compare; on raw embeddings PML computes a cosine, not Sohn's dot product.
     """
     check_choice(pairs, name="pairs", choices=("all", "one_per_class"))
-    _check_reduction(reduction, ("mean", "sum"))
+    _check_reduction(reduction)
     check_scalar(l2_reg, name="l2_reg", min_value=0.0)
+    if pairs == "one_per_class":
+        if reduction == "none":
+            raise ValueError("reduction='none' needs pairs='all' (one value per anchor)")
+        if ref_embeddings is not None or pair_weights is not None or sample_weights is not None:
+            raise ValueError("pairs='one_per_class' builds its own tuples: ref_embeddings, pair_weights "
+                             "and sample_weights need pairs='all'")
     x, labels, valid, positive, negative = _prepare(embeddings, labels, valid)
+    if valid is not None:
+        x = jnp.where(valid[:, None], x, 0.0)  # padded rows reach neither value nor gradient
     n = x.shape[0]
-    sim = distances.dot_product(x)
     if pairs == "all":
-        neg_lse, has_negative = _masked_logsumexp(sim, negative, axis=1)
+        ps = pair_set(x, labels, ref_embeddings, ref_labels, metric="dot", valid=valid, ref_valid=ref_valid,
+                      pair_weights=pair_weights, sample_weights=sample_weights)
+        sim = ps.matrix
+        neg_lse = masked_logsumexp(sim, ps.negative, axis=1, weights=ps.neg_weight)
+        has_negative = jnp.any(ps.negative, axis=1)
         values = jnp.where(has_negative[:, None], jax.nn.softplus(neg_lse[:, None] - sim), 0.0)
-        tuple_loss = reduce_loss(values, positive, reduction=reduction)
+        weights = ps.pos_weight * ps.anchor_weight[:, None]
+        if reduction == "none":
+            return row_sum(values, weights) + l2_reg * jnp.where(ps.anchor_weight != 0, jnp.sum(jnp.square(x), axis=1), 0.0)
+        tuple_loss = reduce_loss(values, weights, reduction=reduction)
     else:
+        sim = distances.dot_product(x)
         is_valid = jnp.ones((n,), bool) if valid is None else valid
         same = labels[:, None] == labels[None, :]
         earlier = jnp.tril(jnp.ones((n, n), bool), k=-1)  # earlier[i, j]: j < i
@@ -441,7 +343,7 @@ def npair_loss(
         target = same & second[None, :]
         is_anchor = first & jnp.any(target, axis=1)
         logits_mask = second[None, :] & jnp.any(target, axis=0)[None, :]
-        lse, _ = _masked_logsumexp(sim, logits_mask, axis=1)
+        lse = masked_logsumexp(sim, logits_mask, axis=1)
         s_ap = jnp.sum(jnp.where(target, sim, 0.0), axis=1)
         values = jnp.where(is_anchor, lse - s_ap, 0.0)
         tuple_loss = reduce_loss(values, is_anchor, reduction=reduction)
@@ -534,7 +436,7 @@ def quadruplet_loss(
     sum is a count (queries above / entries below), given by a custom VJP, so nothing is
     differentiated through a sort. O(B^2 log B) time, O(B^2) memory.
 
-    ``mining="hard"``: batch-hard form (the hardest-sample idea of the paper's online
+    ``mining="batch_hard"`` (formerly "hard"): batch-hard form (the hardest-sample idea of the paper's online
     mining, in the style of Hermans et al. 2017): per anchor i, the largest positive
     distance, the smallest negative distance, and the smallest distance of a negative pair
     valid for i's class::
@@ -548,34 +450,34 @@ def quadruplet_loss(
       embeddings: [B, D] float. labels: [B] int. valid: optional [B] bool.
     """
     check_choice(metric, name="metric", choices=_DISTANCE_METRICS)
-    check_choice(mining, name="mining", choices=("all", "hard"))
+    check_mining(mining, ("all", "batch_hard"), renames={"hard": "batch_hard"})
     _check_reduction(reduction, ("mean", "sum"))
     check_scalar(margin1, name="margin1", min_value=0.0)
     check_scalar(margin2, name="margin2", min_value=0.0)
     x, labels, valid, positive, negative = _prepare(embeddings, labels, valid)
     dist = distances.pairwise(x, metric=metric)
-    if mining == "hard":
+    if mining == "batch_hard":
         return _quadruplet_hard(dist, labels, positive, negative, margin1, margin2, reduction)
     n = x.shape[0]
     dtype = dist.dtype
     num_neg = jnp.sum(negative, axis=1, dtype=dtype)
     center = jax.lax.stop_gradient(jnp.sum(jnp.where(negative, dist, 0.0)) / jnp.maximum(jnp.sum(num_neg), 1.0))
     # first term: per anchor row, positives' d_ij + margin1 against the row's negatives
-    sum1 = _row_hinge_total(dist, negative, dist + margin1, positive, center)
+    sum1 = row_hinge_total(dist, negative, dist + margin1, positive, center)
     count1 = jnp.sum(jnp.sum(positive, axis=1, dtype=dtype) * num_neg)
     # second term: all negative pairs minus twice those with one end in the anchor's class
-    classes = _class_ids(labels)
+    classes = class_ids(labels)
     class_neg = jax.ops.segment_sum(num_neg, classes, num_segments=n)[classes]  # [B] per anchor
     count2_each = jnp.sum(num_neg) - 2.0 * class_neg
     # quadruplets exist only where some negative pair avoids the anchor's class
     queries_ok = positive & (count2_each > 0)[:, None]
     queries = dist + margin2
-    hinge_all = _row_hinge_total(dist.reshape(1, -1), negative.reshape(1, -1), queries.reshape(1, -1),
+    hinge_all = row_hinge_total(dist.reshape(1, -1), negative.reshape(1, -1), queries.reshape(1, -1),
                                  queries_ok.reshape(1, -1), center)
     row_class = jnp.broadcast_to(classes[:, None], (n, n))
     entry_seg = jnp.where(negative, row_class, n).reshape(-1)
     query_seg = jnp.where(queries_ok, row_class, n).reshape(-1)
-    hinge_cls = _segment_hinge_total(dist.reshape(-1), entry_seg, queries.reshape(-1), query_seg, center, n)
+    hinge_cls = segment_hinge_total(dist.reshape(-1), entry_seg, queries.reshape(-1), query_seg, center, n)
     sum2 = hinge_all - 2.0 * hinge_cls
     if reduction == "sum":
         return sum1 + sum2
@@ -591,7 +493,7 @@ def _quadruplet_hard(dist, labels, positive, negative, margin1, margin2, reducti
     hardest_neg = jnp.min(jnp.where(negative, dist, big), axis=1)
     # For row l, the closest negative k (class c1) and the closest negative of another class
     # than c1: the closest negative of l outside any class c is one of the two.
-    classes = _class_ids(labels)
+    classes = class_ids(labels)
     neg_dist = jnp.where(negative, dist, big)
     first_col = jnp.argmin(neg_dist, axis=1)
     first_val = jnp.min(neg_dist, axis=1)
@@ -658,6 +560,11 @@ def ranked_list_loss(
     lambda_balance: float = 0.5,
     reduction: str = "mean",
     valid: jax.Array | None = None,
+    ref_embeddings: jax.Array | None = None,
+    ref_labels: jax.Array | None = None,
+    ref_valid: jax.Array | None = None,
+    pair_weights=None,
+    sample_weights: jax.Array | None = None,
 ) -> jax.Array:
     """Ranked list loss (Wang, Hua, Kodirov, Hu, Garnier & Robertson, CVPR 2019, arXiv 1903.03238).
 
@@ -675,6 +582,9 @@ def ranked_list_loss(
     part. PML ``RankedListLoss(margin, Tn, imbalance, alpha, Tp)`` computes the same except
     that it adds 1e-5 per batch column to each denominator.
 
+    ``ref_embeddings`` / ``ref_labels`` / ``ref_valid``, ``pair_weights``, ``sample_weights``:
+    the common arguments of the pair-based losses (`dmljax.losses`).
+
     Args:
       embeddings: [B, D] float (the paper L2-normalises them first). labels: [B] int.
       reduction: "mean", "sum", "mean_nonzero" or "none" ([B] per anchor).
@@ -685,8 +595,9 @@ def ranked_list_loss(
     check_scalar(temperature, name="temperature", min_value=0.0)
     check_scalar(temperature_pos, name="temperature_pos", min_value=0.0)
     check_scalar(lambda_balance, name="lambda_balance", min_value=0.0, max_value=1.0)
-    x, _, valid, positive, negative = _prepare(embeddings, labels, valid)
-    dist = distances.euclidean(x)
+    ps = pair_set(embeddings, labels, ref_embeddings, ref_labels, metric="euclidean", valid=valid,
+                  ref_valid=ref_valid, pair_weights=pair_weights, sample_weights=sample_weights)
+    dist, positive, negative = ps.matrix, ps.positive, ps.negative
     pos_violation = dist - (boundary - margin)
     neg_violation = boundary - dist
     pos_set = positive & (pos_violation > 0)
@@ -695,7 +606,7 @@ def ranked_list_loss(
     loss_pos = _softmax_weighted_mean(pos_violation, pos_set, float(temperature_pos))
     loss_neg = _softmax_weighted_mean(neg_violation, neg_set, float(temperature))
     values = (1.0 - lambda_balance) * loss_pos + lambda_balance * loss_neg
-    return reduce_loss(values, _valid_rows(valid, x.shape[0], values.dtype), reduction=reduction)
+    return reduce_loss(values, ps.anchor_weight, reduction=reduction)
 
 
 # ----------------------------------------------------------------------------- angular
@@ -708,6 +619,11 @@ def angular_loss(
     alpha_degrees: float = 40.0,
     reduction: str = "mean",
     valid: jax.Array | None = None,
+    ref_embeddings: jax.Array | None = None,
+    ref_labels: jax.Array | None = None,
+    ref_valid: jax.Array | None = None,
+    pair_weights=None,
+    sample_weights: jax.Array | None = None,
 ) -> jax.Array:
     """Angular loss in N-pair form (Wang, Zhou, Wen, Liu & Lin, ICCV 2017, arXiv 1708.01682, eq. 8).
 
@@ -721,16 +637,23 @@ def angular_loss(
     PML's default. The paper also adds the N-pair loss (lambda = 2); use `npair_loss` for it.
     The sum over n is a matrix product of masked exponentials (O(B^2) memory).
 
+    ``ref_embeddings`` / ``ref_labels`` / ``ref_valid``, ``pair_weights``, ``sample_weights``:
+    the common arguments of the pair-based losses (`dmljax.losses`).
+
     Args:
       embeddings: [B, D] float (normalised inside; zero vectors stay zero). labels: [B] int.
-      alpha_degrees: in (0, 90). reduction: "mean", "sum", "mean_nonzero" or "none" ([B, B]).
+      alpha_degrees: in (0, 90). reduction: "mean", "sum", "mean_nonzero" or "none" ([B], per
+        anchor the sum over its positive pairs). Negative pair weights select negatives (their
+        support); positive pair weights scale the pair terms.  PML's ``AngularLoss`` with an ``indices_tuple``
+        uses only its positive pairs (every item of another class stays a negative).
     """
     _check_reduction(reduction)
     check_scalar(alpha_degrees, name="alpha_degrees", min_value=0.0, max_value=90.0,
                  min_inclusive=False, max_inclusive=False)
-    x, _, valid, positive, negative = _prepare(embeddings, labels, valid)
-    x = distances.l2_normalize(x)
-    sim = x @ x.T
+    ps = pair_set(embeddings, labels, ref_embeddings, ref_labels, metric="dot", valid=valid,
+                  ref_valid=ref_valid, pair_weights=pair_weights, sample_weights=sample_weights,
+                  normalize=True)
+    sim, negative = ps.matrix, ps.negative
     sq_tan = jnp.square(jnp.tan(jnp.deg2rad(alpha_degrees)))
     scale = 4.0 * sq_tan
     # log sum_n exp(scale (S_an + S_pn)) = log (A B^T)_ap with row-shifted exponentials;
@@ -741,10 +664,21 @@ def angular_loss(
     shift = jax.lax.stop_gradient(jnp.where(has_negative, shift, 0.0))
     # both factors are masked: an unmasked same-class entry could overflow, and inf * 0 = NaN
     masked_exp = jnp.where(negative, jnp.exp(jnp.where(negative, scaled - shift[:, None], 0.0)), 0.0)
-    anchor_part = other_part = masked_exp
-    total = anchor_part @ other_part.T
+    if ps.self_form:
+        other_part, other_shift = masked_exp, shift
+    else:  # S_pn between references: [M, M], each row shifted by its maximum (no overflow)
+        y = distances.l2_normalize(check_embeddings(ref_embeddings, name="ref_embeddings").astype(sim.dtype))
+        if ref_valid is not None:
+            y = jnp.where(jnp.asarray(ref_valid, bool)[:, None], y, 0.0)
+        ref_scaled = scale * (y @ y.T)
+        other_shift = jax.lax.stop_gradient(jnp.max(ref_scaled, axis=1))
+        other_part = jnp.exp(ref_scaled - other_shift[:, None])
+    total = masked_exp @ other_part.T
     tiny = jnp.finfo(total.dtype).tiny
-    lse = jnp.log(jnp.maximum(total, tiny)) + shift[:, None] + shift[None, :]
+    lse = jnp.log(jnp.maximum(total, tiny)) + shift[:, None] + other_shift[None, :]
     values = jax.nn.softplus(lse - 2.0 * (1.0 + sq_tan) * sim)
     values = jnp.where(has_negative[:, None], values, 0.0)
-    return reduce_loss(values, positive, reduction=reduction)
+    weights = ps.pos_weight * ps.anchor_weight[:, None]
+    if reduction == "none":
+        return row_sum(values, weights)
+    return reduce_loss(values, weights, reduction=reduction)

@@ -28,6 +28,7 @@ import numpy as np
 
 from dmljax import distances
 from dmljax import _validation
+from dmljax._numerics import masked_logsumexp as _masked_logsumexp
 from dmljax._validation import (
     check_embeddings,
     check_labels,
@@ -35,6 +36,7 @@ from dmljax._validation import (
     check_scalar,
     check_valid,
 )
+from dmljax.losses._core import check_loss_reduction
 from dmljax.reductions import reduce_loss
 
 __all__ = [
@@ -81,26 +83,13 @@ def check_proxy_inputs(embeddings, labels, proxies, *, valid=None, proxy_rank: i
 
 
 def log_one_plus_sum_exp(z: jax.Array, mask: jax.Array, *, axis: int) -> jax.Array:
-    """``log(1 + sum_{mask} exp(z))`` along ``axis``, stable and NaN-free.
-
-    Masked-out entries are replaced by a safe value before ``exp`` (double ``where``),
-    so an all-masked slice gives exactly 0 with zero gradient.
-    """
-    z = jnp.where(mask, z, 0.0)
-    shift = jax.lax.stop_gradient(jnp.maximum(jnp.max(z, axis=axis, keepdims=True), 0.0))
-    total = jnp.sum(jnp.where(mask, jnp.exp(z - shift), 0.0), axis=axis, keepdims=True)
-    return jnp.squeeze(shift + jnp.log(jnp.exp(-shift) + total), axis=axis)
+    """``log(1 + sum_{mask} exp(z))`` along ``axis`` (`dmljax._numerics.masked_logsumexp`)."""
+    return _masked_logsumexp(z, mask, axis=axis, include_zero=True)
 
 
 def masked_logsumexp(z: jax.Array, mask: jax.Array, *, axis: int) -> jax.Array:
-    """``log(sum_{mask} exp(z))``; an all-masked slice gives 0 (not -inf) with zero gradient."""
-    any_in = jnp.any(mask, axis=axis, keepdims=True)
-    z = jnp.where(mask, z, 0.0)
-    shift = jax.lax.stop_gradient(jnp.max(jnp.where(mask, z, -jnp.inf), axis=axis, keepdims=True))
-    shift = jnp.where(any_in, shift, 0.0)
-    total = jnp.sum(jnp.where(mask, jnp.exp(z - shift), 0.0), axis=axis, keepdims=True)
-    out = shift + jnp.log(jnp.where(any_in, total, 1.0))
-    return jnp.squeeze(out, axis=axis)
+    """``log(sum_{mask} exp(z))``; an all-masked slice gives 0 (`dmljax._numerics.masked_logsumexp`)."""
+    return _masked_logsumexp(z, mask, axis=axis)
 
 
 def _proxy_anchor_terms(sim, one_hot, row_valid, *, margin, alpha):
@@ -175,7 +164,7 @@ def proxy_nca_loss(
     has_denominator = jnp.any(denominator_mask, axis=1)
     weights = row_valid & has_denominator
     per_sample = jnp.where(weights, per_sample, 0.0)
-    return reduce_loss(per_sample, weights, reduction=reduction)
+    return reduce_loss(per_sample, weights, reduction=check_loss_reduction(reduction))
 
 
 def proxy_anchor_loss(
@@ -341,7 +330,9 @@ def soft_triple_loss(
     ``R`` is the paper's L2,1-style regulariser that lets similar centers of a class
     merge (the ``1e-5`` keeps the sqrt differentiable when two centers coincide,
     as in PML). For K = 1 the regulariser is 0. Defaults ``la=20, gamma=0.1,
-    margin=0.01, tau=0.2`` are the paper's (and PML's); the paper uses K = 10.
+    margin=0.01, tau=0.2`` are the paper's; PML's ``SoftTripleLoss`` (2.9) shares la, gamma,
+    margin (and K = 10 centers per class) but has no tau: its center regulariser is a
+    separate ``weight_regularizer``, so ``tau=0`` matches PML's loss alone.
 
     Args:
       embeddings: [B, D] float.
@@ -367,7 +358,7 @@ def soft_triple_loss(
     positive_logit = jnp.sum(jnp.where(one_hot, logits, 0.0), axis=1)
     per_sample = jax.nn.logsumexp(logits, axis=1) - positive_logit
     per_sample = jnp.where(row_valid, per_sample, 0.0)
-    loss = reduce_loss(per_sample, row_valid, reduction=reduction)
+    loss = reduce_loss(per_sample, row_valid, reduction=check_loss_reduction(reduction))
     if reduction == "none":
         return loss
     num_classes, k = w.shape[0], w.shape[1]

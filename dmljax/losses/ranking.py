@@ -23,13 +23,13 @@ B = 5793 on; pass ``anchors_per_step=1`` for the strict O(B^2) bound.
 from __future__ import annotations
 
 import functools
-import numbers
 
 import jax
 import jax.numpy as jnp
 
 from dmljax import distances
-from dmljax._validation import check_choice, check_scalar
+from dmljax._validation import check_positive_int, check_choice, check_scalar
+from dmljax.losses._core import check_mining
 from dmljax.losses.pair import _check_reduction, _prepare
 from dmljax.reductions import reduce_loss
 
@@ -50,12 +50,6 @@ ANCHOR_BLOCK_ELEMENTS = 1 << 26
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _check_positive_int(value, *, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
 
 
 def _safe_divide(num, den):
@@ -89,7 +83,7 @@ def _linear_histogram(values, row_ids, weights, *, num_rows: int, low: float, hi
 
 def _check_anchors_per_step(anchors_per_step):
     if anchors_per_step is not None:
-        _check_positive_int(anchors_per_step, name="anchors_per_step")
+        check_positive_int(anchors_per_step, name="anchors_per_step")
     return anchors_per_step
 
 
@@ -154,7 +148,7 @@ def fastap_loss(
       reduction: "mean" | "sum" | "mean_nonzero" | "none" (per anchor [B]).
       valid: optional [B] bool mask of real rows.
     """
-    _check_positive_int(num_bins, name="num_bins")
+    check_positive_int(num_bins, name="num_bins")
     _check_reduction(reduction)
     x, _, valid, positive, negative = _prepare(embeddings, labels, valid)
     n = x.shape[0]
@@ -382,7 +376,7 @@ def surrogate_precision_at_k_loss(
     Batches and Similarity Mixup", CVPR 2022, eq. 6-9; OML ``SurrogatePrecision``).
 
     Two step functions of precision@k are replaced by sigmoids. With distances ``d``
-    (``metric`` "euclidean" as OML, or "cosine" where the distance is ``1 - cos``), for anchor
+    (``metric`` "euclidean" as OML, or "cosine_distance", ``1 - cos``; formerly spelled "cosine"), for anchor
     i, its positives P_i and every other valid item Omega_i::
 
         R_ij   = 1 + sum_{m in Omega_i, m != j} sigmoid((d_ij - d_im) / temperature2)
@@ -397,10 +391,10 @@ def surrogate_precision_at_k_loss(
 
     Memory O(anchors_per_step * B^2) (blocks of anchors, see the module docstring), time O(B^3).
     """
-    _check_positive_int(k, name="k")
+    check_positive_int(k, name="k")
     check_scalar(temperature1, name="temperature1", min_value=0.0, min_inclusive=False)
     check_scalar(temperature2, name="temperature2", min_value=0.0, min_inclusive=False)
-    check_choice(metric, name="metric", choices=("euclidean", "cosine"))
+    check_mining(metric, ("euclidean", "cosine_distance"), name="metric", renames={"cosine": "cosine_distance"})
     _check_anchors_per_step(anchors_per_step)
     _check_reduction(reduction)
     x, _, valid, positive, negative = _prepare(embeddings, labels, valid)
@@ -451,7 +445,7 @@ def histogram_loss(
     Unlike PML, which takes pairs from all (a, p, n) triplets, negative pairs between two
     items that both lack a positive still count, as in the paper.
     """
-    _check_positive_int(num_steps, name="num_steps")
+    check_positive_int(num_steps, name="num_steps")
     x, _, valid, positive, negative = _prepare(embeddings, labels, valid)
     n = x.shape[0]
     sims = distances.cosine_similarity(x)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from dmljax import distances
+from dmljax._numerics import masked_logsumexp
 from dmljax._validation import check_choice, check_embeddings, check_labels, check_scalar, check_valid
 from dmljax.masks import label_masks
 from dmljax.reductions import masked_mean
@@ -268,8 +269,8 @@ def cbml_loss(
     pos_logits = -(s - pos_a) / pos_b
     neg_logits = (s - neg_a) / neg_b
     # log(1 + sum exp(z)) over the mined set: logsumexp with an extra zero logit.
-    log_fp = _log1p_sum_exp(pos_logits, pos_sel)
-    log_fn = _log1p_sum_exp(neg_logits, neg_sel)
+    log_fp = masked_logsumexp(pos_logits, pos_sel, axis=1, include_zero=True)
+    log_fn = masked_logsumexp(neg_logits, neg_sel, axis=1, include_zero=True)
     if loss_type == "log":
         pos_loss, neg_loss = log_fp, log_fn
     elif loss_type == "sqrt":
@@ -286,15 +287,6 @@ def cbml_loss(
     per_anchor = pos_loss + neg_loss + variance_weight * variance
     total = jnp.sum(jnp.where(active, per_anchor, 0.0))
     return total / jnp.maximum(jnp.sum(rows), 1.0)
-
-
-def _log1p_sum_exp(logits, mask):
-    """log(1 + sum_{mask} exp(logits)) per row, stable, finite gradient on empty rows."""
-    safe = jnp.where(mask, logits, -jnp.inf)
-    top = jnp.maximum(jax.lax.stop_gradient(jnp.max(safe, axis=1)), 0.0)
-    total = jnp.exp(-top) + jnp.sum(jnp.where(mask, jnp.exp(jnp.where(mask, logits, 0.0) - top[:, None]), 0.0),
-                                    axis=1)
-    return top + jnp.log(total)
 
 
 # --------------------------------------------------------------------------- Gaussian mixture

@@ -30,51 +30,35 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dmljax._validation import check_choice, check_embeddings, check_labels, check_scalar
-from dmljax.distances import METRICS, is_similarity, pairwise
-from dmljax.masks import label_masks
-from dmljax.mining.miners import (
-    SEMIHARD_FALLBACKS,
-    _searchsorted_rows,
-    batch_hard,
-    semihard_negatives,
-    sort_negatives,
-    triplet_margin_stats,
-    window_hinge,
-)
-from dmljax.reductions import REDUCTIONS
+from dmljax._validation import check_bool, check_choice, check_scalar
+from dmljax.losses._core import check_loss_reduction, check_mining, pair_set
+from dmljax._numerics import searchsorted_rows, sort_negatives, window_hinge
+from dmljax.mining import batch_hard, semihard_negatives, triplet_margin_stats
+from dmljax.mining.miners import SEMIHARD_FALLBACKS
 
 __all__ = ["MININGS", "fraction_active_triplets", "triplet_margin_loss"]
 
 MININGS = ("all", "semihard", "semihard_triplets", "batch_hard")
 
 
-def _check_flag(value, *, name):
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be a Python bool, got {value!r}")
-    return value
-
-
-def _distance_like(embeddings, labels, metric, valid):
-    x = check_embeddings(embeddings)
-    labels = check_labels(labels, batch_size=x.shape[0])
-    check_choice(metric, name="metric", choices=tuple(METRICS))
-    positive, negative = label_masks(labels, valid=valid)
-    s = pairwise(x, metric=metric)
+def _distance_like(embeddings, labels, metric, valid, ref_embeddings=None, ref_labels=None, ref_valid=None,
+                   pair_weights=None, sample_weights=None):
+    ps = pair_set(embeddings, labels, ref_embeddings, ref_labels, metric=metric, valid=valid,
+                  ref_valid=ref_valid, pair_weights=pair_weights, sample_weights=sample_weights)
     # Similarities grow as items get closer: -s is distance-like with the same differences.
-    d = -s if is_similarity(metric) else s
-    return d, positive, negative
+    d = -ps.matrix if ps.similarity else ps.matrix
+    return d, ps.positive, ps.negative, ps.anchor_weight
 
 
 def _all_triplets_hinge(d, positive, negative, margin, *, semihard_window: bool):
     """Per-anchor hinge sums, triplet counts and non-zero counts via sorted prefix sums."""
     sn = sort_negatives(d, negative)
     threshold = d + margin  # d(a, p) + margin for every (a, p)
-    hi = _searchsorted_rows(sn.keys, threshold, side="left")  # negatives with d_an < d_ap + m
+    hi = searchsorted_rows(sn.keys, threshold, side="left")  # negatives with d_an < d_ap + m
     if semihard_window:
         # PML TripletMarginMiner("semihard"): 0 < d_an - d_ap <= margin.
-        lo = _searchsorted_rows(sn.keys, d, side="right")
-        hi_inclusive = _searchsorted_rows(sn.keys, threshold, side="right")
+        lo = searchsorted_rows(sn.keys, d, side="right")
+        hi_inclusive = searchsorted_rows(sn.keys, threshold, side="right")
         mined = jnp.maximum(hi_inclusive - lo, 0)
     else:
         lo = jnp.zeros_like(hi)
@@ -107,7 +91,12 @@ def _all_triplets_soft(d, positive, negative, margin, *, semihard_window: bool):
     return jax.lax.map(per_anchor, (d, positive, negative))
 
 
-def _reduce(per_anchor, num, nonzero, reduction):
+def _reduce(per_anchor, num, nonzero, reduction, anchor_weight=None):
+    """Per-anchor triplet sums / counts -> the reduction; ``anchor_weight`` [B] scales anchors
+    ("mean": sum_a w_a l_a / sum_a w_a n_a, the weighted mean over triplets)."""
+    if anchor_weight is not None:
+        per_anchor = jnp.where(anchor_weight != 0, per_anchor * anchor_weight, 0.0)
+        num = num * anchor_weight
     if reduction == "none":
         return per_anchor
     total = jnp.sum(per_anchor)
@@ -130,6 +119,11 @@ def triplet_margin_loss(
     reduction: str = "mean_nonzero",
     valid: jax.Array | None = None,
     semihard_fallback: str = "none",
+    ref_embeddings: jax.Array | None = None,
+    ref_labels: jax.Array | None = None,
+    ref_valid: jax.Array | None = None,
+    pair_weights=None,
+    sample_weights: jax.Array | None = None,
 ) -> jax.Array:
     """Triplet margin loss ``[d(a,p) - d(a,n) + margin]_+`` (Weinberger & Saul 2009; FaceNet 2015).
 
@@ -158,6 +152,14 @@ def triplet_margin_loss(
     float32. Degenerate batches (one class, no positive pair, identical or zero embeddings,
     one item) give a finite loss (0 when no triplet exists) and finite gradients.
 
+    Reference set and miners (`dmljax.losses`, "Common arguments"): with ``ref_embeddings`` /
+    ``ref_labels`` the positives and negatives of query a are reference rows (PML
+    ``loss(emb, labels, ref_emb=..., ref_labels=...)``). ``pair_weights`` (any miner's output,
+    e.g. `dmljax.mining.batch_hard`, `hard_negatives`, `pair_margin`) restricts the triplets to
+    (a, p, n) with (a, p) a selected positive pair and (a, n) a selected negative pair (PML's
+    pair ``indices_tuple`` converted to triplets); only the weights' support counts.
+    ``sample_weights`` [B] scales each anchor's triplets.
+
     Args:
       embeddings: [B, D] floating.
       labels: [B] integer class ids.
@@ -167,12 +169,14 @@ def triplet_margin_loss(
     Returns:
       Scalar loss (or [B] per-anchor sums with ``reduction="none"``).
     """
-    check_choice(mining, name="mining", choices=MININGS)
-    check_choice(reduction, name="reduction", choices=REDUCTIONS)
+    check_mining(mining, MININGS)
+    check_loss_reduction(reduction)
     check_choice(semihard_fallback, name="semihard_fallback", choices=SEMIHARD_FALLBACKS)
     check_scalar(margin, name="margin", min_value=0.0)
-    soft_margin = _check_flag(soft_margin, name="soft_margin")
-    d, positive, negative = _distance_like(embeddings, labels, metric, valid)
+    soft_margin = check_bool(soft_margin, name="soft_margin")
+    d, positive, negative, anchor_weight = _distance_like(
+        embeddings, labels, metric, valid, ref_embeddings, ref_labels, ref_valid, pair_weights, sample_weights)
+    aw = None if sample_weights is None else anchor_weight
 
     if mining in ("all", "semihard_triplets"):
         window = mining == "semihard_triplets"
@@ -180,7 +184,7 @@ def triplet_margin_loss(
             per_anchor, num, nonzero = _all_triplets_soft(d, positive, negative, margin, semihard_window=window)
         else:
             per_anchor, num, nonzero = _all_triplets_hinge(d, positive, negative, margin, semihard_window=window)
-        return _reduce(per_anchor, num, nonzero, reduction)
+        return _reduce(per_anchor, num, nonzero, reduction, aw)
 
     link = jax.nn.softplus if soft_margin else jax.nn.relu
     if mining == "batch_hard":
@@ -190,7 +194,7 @@ def triplet_margin_loss(
         values = jnp.where(mined.valid, link(d_ap - d_an + margin), 0.0)
         num = mined.valid.astype(d.dtype)
         nonzero = (mined.valid & (values > 0)).astype(d.dtype)
-        return _reduce(values, num, nonzero, reduction)
+        return _reduce(values, num, nonzero, reduction, aw)
 
     # "semihard": one negative per positive pair.
     mined = semihard_negatives(d, positive, negative, margin=margin, fallback=semihard_fallback)
@@ -199,7 +203,7 @@ def triplet_margin_loss(
     per_anchor = jnp.sum(values, axis=1)
     num = jnp.sum(mined.valid, axis=1).astype(d.dtype)
     nonzero = jnp.sum(mined.valid & (values > 0), axis=1).astype(d.dtype)
-    return _reduce(per_anchor, num, nonzero, reduction)
+    return _reduce(per_anchor, num, nonzero, reduction, aw)
 
 
 def fraction_active_triplets(
@@ -216,5 +220,5 @@ def fraction_active_triplets(
     collapsed embeddings). Counted with sorted negatives, O(B^2) memory; 0 when no triplet exists.
     """
     check_scalar(margin, name="margin", min_value=0.0)
-    d, positive, negative = _distance_like(embeddings, labels, metric, valid)
+    d, positive, negative, _ = _distance_like(embeddings, labels, metric, valid)
     return triplet_margin_stats(d, positive, negative, margin=margin).fraction_active

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmljax import distances
+from dmljax._numerics import masked_logsumexp
 from dmljax._validation import (
     check_label_range,
     as_float,
@@ -33,7 +34,7 @@ from dmljax._validation import (
     check_scalar,
     check_valid,
 )
-from dmljax.masks import label_masks
+from dmljax.losses._core import check_loss_reduction, pair_set
 from dmljax.mining.weighting import distance_weighted_sampling, multi_similarity_mining
 from dmljax.reductions import reduce_loss
 
@@ -41,25 +42,6 @@ __all__ = ["circle_loss", "log_ratio_loss", "margin_loss", "multi_similarity_los
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _masked_logsumexp(values: jax.Array, mask: jax.Array, *, add_one: bool = False) -> jax.Array:
-    """Row-wise ``log(sum_{mask} exp(v))`` (``log(1 + sum ...)`` when ``add_one``).
-
-    Rows with an empty mask give -inf (0 when ``add_one``); the gradient is finite
-    everywhere (double ``where``: masked entries are evaluated at a safe point).
-    """
-    row_max = jnp.max(jnp.where(mask, values, -jnp.inf), axis=1)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    if add_one:
-        row_max = jnp.maximum(row_max, 0.0)
-    row_max = jax.lax.stop_gradient(row_max)
-    shifted = jnp.where(mask, values - row_max[:, None], 0.0)
-    total = jnp.sum(jnp.where(mask, jnp.exp(shifted), 0.0), axis=1)
-    if add_one:
-        return jnp.log(total + jnp.exp(-row_max)) + row_max
-    nonempty = jnp.any(mask, axis=1)
-    return jnp.where(nonempty, jnp.log(jnp.where(nonempty, total, 1.0)) + row_max, -jnp.inf)
 
 
 def _pair_inputs(embeddings, labels, valid):
@@ -86,6 +68,11 @@ def multi_similarity_loss(
     epsilon: float = 0.1,
     mining: bool = True,
     valid: jax.Array | None = None,
+    ref_embeddings: jax.Array | None = None,
+    ref_labels: jax.Array | None = None,
+    ref_valid: jax.Array | None = None,
+    pair_weights=None,
+    sample_weights: jax.Array | None = None,
     reduction: str = "mean",
 ) -> jax.Array:
     """Multi-similarity loss (Wang et al., CVPR 2019, Eq. 12) with its pair mining.
@@ -107,10 +94,18 @@ def multi_similarity_loss(
     every positive and negative pair (PML's loss without a miner). The mining is not
     differentiated.
 
+    Real pair weights w enter inside the sums (``log(1 + sum_p w_ap exp(...))``), sample
+    weights outside (BSPML's denoising MS loss is ``pair_weights=v[None, :]``,
+    ``sample_weights=v``). With ``mining=True`` the MS miner runs on the pairs left by
+    ``pair_weights``.
+
     Differences from the authors' code (both follow PML): an anchor whose mined
     positive (or negative) set is empty still contributes its other term (their loop
     skips such anchors but still divides by the batch size), and items identical to
     the anchor (cosine 1) stay positives (their code drops S_ap > 1 - 1e-5).
+
+    ``ref_embeddings`` / ``ref_labels`` / ``ref_valid``, ``pair_weights``, ``sample_weights``:
+    the common arguments of the pair-based losses (`dmljax.losses`).
 
     Args:
       embeddings: [B, D] float (normalised inside: cosine similarity).
@@ -121,18 +116,21 @@ def multi_similarity_loss(
     Returns:
       scalar loss (or [B] per-anchor losses with ``reduction="none"``).
     """
-    x, y, valid = _pair_inputs(embeddings, labels, valid)
+    check_loss_reduction(reduction)
     check_scalar(alpha, name="alpha", min_value=0.0, min_inclusive=False)
     check_scalar(beta, name="beta", min_value=0.0, min_inclusive=False)
     check_scalar(base, name="base")
     check_scalar(epsilon, name="epsilon", min_value=0.0)
-    sim = distances.cosine_similarity(x)
-    positive, negative = label_masks(y, valid=valid)
+    ps = pair_set(embeddings, labels, ref_embeddings, ref_labels, metric="cosine", valid=valid,
+                  ref_valid=ref_valid, pair_weights=pair_weights, sample_weights=sample_weights)
+    sim, positive, negative = ps.matrix, ps.positive, ps.negative
     if mining:
         positive, negative = multi_similarity_mining(sim, positive, negative, epsilon=epsilon)
-    pos_term = _masked_logsumexp(-alpha * (sim - base), positive, add_one=True) / alpha
-    neg_term = _masked_logsumexp(beta * (sim - base), negative, add_one=True) / beta
-    return reduce_loss(pos_term + neg_term, _row_weights(valid, x.shape[0], sim.dtype), reduction=reduction)
+    pos_term = masked_logsumexp(-alpha * (sim - base), positive, axis=1, weights=ps.pos_weight,
+                                include_zero=True) / alpha
+    neg_term = masked_logsumexp(beta * (sim - base), negative, axis=1, weights=ps.neg_weight,
+                                include_zero=True) / beta
+    return reduce_loss(pos_term + neg_term, ps.anchor_weight, reduction=reduction)
 
 
 # ----------------------------------------------------------------------------- margin loss
@@ -152,6 +150,11 @@ def margin_loss(
     num_negatives: int | None = None,
     normalize: bool = True,
     valid: jax.Array | None = None,
+    ref_embeddings: jax.Array | None = None,
+    ref_labels: jax.Array | None = None,
+    ref_valid: jax.Array | None = None,
+    pair_weights=None,
+    sample_weights: jax.Array | None = None,
 ) -> jax.Array:
     """Margin loss with a learnable boundary beta (Wu et al., ICCV 2017, Eq. 3-4).
 
@@ -169,7 +172,10 @@ def margin_loss(
     Negatives: ``sampling="distance_weighted"`` draws them with
     `dmljax.mining.weighting.distance_weighted_sampling` (needs ``key``; by default
     one negative per positive pair, ``num_negatives=None``, as the authors and PML);
-    ``sampling="all"`` uses every negative pair once. Sampling is not differentiated.
+    ``sampling="all"`` uses every negative pair once: all PAIRS, not PML's all triplets (PML
+    ``MarginLoss`` without a miner forms every (a, p, n) triplet, so a negative pair counts
+    once per positive of its anchor there). Sampling is not differentiated; with
+    ``pair_weights`` the sampled negatives are multiplied by the negative pair weights.
 
     Defaults margin=0.2 (alpha in the paper), nu=0, cutoff=0.5, nonzero_loss_cutoff=1.4
     are the paper's / authors' code values; the paper initialises beta to 1.2.
@@ -180,6 +186,9 @@ def margin_loss(
     anchors fall back to uniform negatives. With a scalar beta PML adds ``nu * beta``
     without dividing by the pair count; here the regulariser is always the authors'
     ``nu * sum over positive pairs of beta(anchor)`` divided by the pair count.
+
+    ``ref_embeddings`` / ``ref_labels`` / ``ref_valid``, ``pair_weights``, ``sample_weights``:
+    the common arguments of the pair-based losses (`dmljax.losses`).
 
     Args:
       embeddings: [B, D] float.
@@ -194,6 +203,8 @@ def margin_loss(
     """
     x, y, valid = _pair_inputs(embeddings, labels, valid)
     batch, dim = x.shape
+    if ref_embeddings is not None and ref_labels is None:
+        raise ValueError("ref_embeddings needs ref_labels (one label per reference row)")
     check_scalar(margin, name="margin", min_value=0.0)
     check_scalar(nu, name="nu", min_value=0.0)
     check_choice(sampling, name="sampling", choices=("distance_weighted", "all"))
@@ -213,19 +224,22 @@ def margin_loss(
     dtype = jnp.promote_types(x.dtype, beta_arr.dtype)
     x = x.astype(dtype)
     anchor_beta = anchor_beta.astype(dtype)
-    if normalize:
-        x = distances.l2_normalize(x)
-    dist = distances.euclidean(x)
-    positive, negative = label_masks(y, valid=valid)
+    ref = None if ref_embeddings is None else check_embeddings(ref_embeddings, name="ref_embeddings").astype(dtype)
+    ps = pair_set(x, y, ref, ref_labels, metric="euclidean", valid=valid, ref_valid=ref_valid,
+                  pair_weights=pair_weights, sample_weights=sample_weights, normalize=normalize)
+    dist, positive, negative = ps.matrix, ps.positive, ps.negative
     if sampling == "all":
-        neg_weight = negative.astype(dtype)
+        neg_weight = ps.neg_weight
     else:
         key = check_key(key)
         neg_weight = distance_weighted_sampling(
             key, dist, positive, negative, dim=dim, cutoff=cutoff,
             nonzero_loss_cutoff=nonzero_loss_cutoff, num_negatives=num_negatives,
-        ).astype(dtype)
-    pos_weight = positive.astype(dtype)
+        ).astype(dtype) * ps.neg_weight
+    pos_weight = ps.pos_weight
+    if sample_weights is not None:
+        pos_weight = pos_weight * ps.anchor_weight[:, None]
+        neg_weight = neg_weight * ps.anchor_weight[:, None]
     pos_loss = jax.nn.relu(margin + dist - anchor_beta[:, None])
     neg_loss = jax.nn.relu(margin - dist + anchor_beta[:, None])
     total = jnp.sum(pos_weight * pos_loss) + jnp.sum(neg_weight * neg_loss)
@@ -244,6 +258,11 @@ def circle_loss(
     m: float = 0.4,
     gamma: float = 80.0,
     valid: jax.Array | None = None,
+    ref_embeddings: jax.Array | None = None,
+    ref_labels: jax.Array | None = None,
+    ref_valid: jax.Array | None = None,
+    pair_weights=None,
+    sample_weights: jax.Array | None = None,
     reduction: str = "mean",
 ) -> jax.Array:
     """Circle loss, pair-wise form (Sun et al., CVPR 2020, Eq. 6-8).
@@ -261,27 +280,31 @@ def circle_loss(
     Defaults m=0.4, gamma=80 are the paper's fine-grained image retrieval setting
     (CUB, Cars, SOP) and PML's; the paper uses m=0.25, gamma=256 for face recognition.
 
+    ``ref_embeddings`` / ``ref_labels`` / ``ref_valid``, ``pair_weights``, ``sample_weights``:
+    the common arguments of the pair-based losses (`dmljax.losses`).
+
     Args:
       embeddings: [B, D] float (normalised inside).
       labels: [B] integer class ids.
       valid: optional [B] bool mask of real rows.
       reduction: "mean" | "sum" | "mean_nonzero" | "none" over per-anchor losses.
     """
-    x, y, valid = _pair_inputs(embeddings, labels, valid)
+    check_loss_reduction(reduction)
     check_scalar(m, name="m", min_value=0.0)
     check_scalar(gamma, name="gamma", min_value=0.0, min_inclusive=False)
-    sim = distances.cosine_similarity(x)
-    positive, negative = label_masks(y, valid=valid)
+    ps = pair_set(embeddings, labels, ref_embeddings, ref_labels, metric="cosine", valid=valid,
+                  ref_valid=ref_valid, pair_weights=pair_weights, sample_weights=sample_weights)
+    sim, positive, negative = ps.matrix, ps.positive, ps.negative
     detached = jax.lax.stop_gradient(sim)
     alpha_p = jax.nn.relu(1.0 + m - detached)
     alpha_n = jax.nn.relu(detached + m)
     logit_p = -gamma * alpha_p * (sim - (1.0 - m))
     logit_n = gamma * alpha_n * (sim - m)
     has_both = jnp.any(positive, axis=1) & jnp.any(negative, axis=1)
-    lse_p = _masked_logsumexp(logit_p, positive)
-    lse_n = _masked_logsumexp(logit_n, negative)
+    lse_p = masked_logsumexp(logit_p, positive, axis=1, weights=ps.pos_weight)
+    lse_n = masked_logsumexp(logit_n, negative, axis=1, weights=ps.neg_weight)
     per_anchor = jax.nn.softplus(jnp.where(has_both, lse_p + lse_n, 0.0))
-    return reduce_loss(per_anchor, has_both.astype(sim.dtype), reduction=reduction)
+    return reduce_loss(per_anchor, jnp.where(has_both, ps.anchor_weight, 0.0), reduction=reduction)
 
 
 # ----------------------------------------------------------------------------- log-ratio loss

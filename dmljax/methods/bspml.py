@@ -43,9 +43,8 @@ import jax.numpy as jnp
 from dmljax import distances
 from dmljax._validation import check_embeddings, check_labels, check_scalar, check_valid
 from dmljax.masks import label_masks
-from dmljax.methods._common import check_positive_int
-from dmljax.mining.weighting import multi_similarity_mining
-from dmljax.reductions import reduce_loss
+from dmljax._validation import check_positive_int
+from dmljax.losses import multi_similarity_loss
 
 __all__ = ["bspml_sample_weights", "ms_pair_losses", "self_paced_age", "weighted_multi_similarity_loss"]
 
@@ -75,15 +74,6 @@ def ms_pair_losses(embeddings, labels, *, alpha: float = 2.0, beta: float = 50.0
     return jnp.where(positive, pos, jnp.where(negative, neg, 0.0))
 
 
-def _weighted_log1p_sum_exp(logits, mask, weights):
-    """Row-wise ``log(1 + sum_j mask_ij w_j exp(logits_ij))``, stable and NaN-free."""
-    w = jnp.where(mask, weights[None, :], 0.0)
-    zeros = jnp.zeros(logits.shape[:1] + (1,), logits.dtype)
-    a = jnp.concatenate([zeros, jnp.where(mask, logits, 0.0)], axis=1)
-    b = jnp.concatenate([jnp.ones_like(zeros), w], axis=1)
-    return jax.nn.logsumexp(a, axis=1, b=b)
-
-
 def weighted_multi_similarity_loss(
     embeddings: jax.Array,
     labels: jax.Array,
@@ -97,7 +87,9 @@ def weighted_multi_similarity_loss(
     valid: jax.Array | None = None,
     reduction: str = "mean",
 ) -> jax.Array:
-    """BSPML's denoising MS loss with per-sample weights ``v`` (see the module docstring).
+    """BSPML's denoising MS loss with per-sample weights ``v`` (see the module docstring):
+    `dmljax.losses.multi_similarity_loss` with ``pair_weights = v[None, :]`` (v_j inside the
+    log-sum-exps) and ``sample_weights = v`` (the anchor weight).
 
     Args:
       embeddings: [B, D] float. labels: [B] int.
@@ -108,25 +100,16 @@ def weighted_multi_similarity_loss(
       valid: optional [B] bool padding mask. reduction: "mean" (weighted by v) | "sum" | "none".
     """
     x = check_embeddings(embeddings)
-    y = check_labels(labels, batch_size=x.shape[0])
     valid = check_valid(valid, batch_size=x.shape[0])
     v = jax.lax.stop_gradient(_check_weights(sample_weights, x.shape[0]).astype(x.dtype))
-    check_scalar(alpha, name="alpha", min_value=0.0, min_inclusive=False)
-    check_scalar(beta, name="beta", min_value=0.0, min_inclusive=False)
-    check_scalar(base, name="base")
-    check_scalar(epsilon, name="epsilon", min_value=0.0)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be one of ('mean', 'sum', 'none'), got {reduction!r}")
     if valid is not None:
         v = jnp.where(valid, v, 0.0)
-    kept = v > 0
-    sim = distances.cosine_similarity(x)
-    positive, negative = label_masks(y, valid=kept)
-    if mining:
-        positive, negative = multi_similarity_mining(sim, positive, negative, epsilon=epsilon)
-    pos_term = _weighted_log1p_sum_exp(-alpha * (sim - base), positive, v) / alpha
-    neg_term = _weighted_log1p_sum_exp(beta * (sim - base), negative, v) / beta
-    return reduce_loss(pos_term + neg_term, v, reduction=reduction)
+    # v_j inside each log-sum-exp (pair weights), v_i on the anchor (sample weights)
+    pair_weights = jnp.broadcast_to(v[None, :], (x.shape[0], x.shape[0]))
+    return multi_similarity_loss(x, labels, alpha=alpha, beta=beta, base=base, epsilon=epsilon, mining=mining,
+                                 valid=valid, pair_weights=pair_weights, sample_weights=v, reduction=reduction)
 
 
 def _balance_penalty(v, same, mask):

@@ -21,6 +21,7 @@ import numpy as np
 
 from dmljax import distances
 from dmljax._validation import (
+    check_bool,
     check_choice,
     check_embeddings,
     check_key,
@@ -63,12 +64,6 @@ class AngularMined(NamedTuple):
     num_triplets: jax.Array
 
 
-def _check_flag(value, *, name):
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name} must be a Python bool, got {value!r}")
-    return bool(value)
-
-
 def _check_inputs(dist, positive, negative, similarity=False):
     """Validate dist [B, M] and its masks; return a distance-like (smaller = closer) matrix
     without gradient, and the masks."""
@@ -79,7 +74,7 @@ def _check_inputs(dist, positive, negative, similarity=False):
         if jnp.result_type(mask) != jnp.bool_:
             raise ValueError(f"{name} must be a bool mask (see dmljax.masks.label_masks), got dtype "
                              f"{jnp.result_type(mask)}")
-    similarity = _check_flag(similarity, name="similarity")
+    similarity = check_bool(similarity, name="similarity")
     d = jax.lax.stop_gradient(-dist if similarity else dist)
     return d, jnp.asarray(positive), jnp.asarray(negative)
 

@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dmljax._validation import check_choice, check_matrix, check_scalar
+from dmljax._numerics import SortedNegatives, searchsorted_rows, sort_negatives, window_hinge
+from dmljax._validation import check_bool, check_choice, check_matrix, check_scalar
 
 __all__ = [
     "BatchHard",
@@ -49,12 +50,6 @@ __all__ = [
 # --------------------------------------------------------------------------- checks
 
 
-def _check_bool_flag(value, *, name: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name} must be a Python bool, got {value!r}")
-    return bool(value)
-
-
 def _check_inputs(dist, positive, negative, similarity):
     """Validate the [B, M] matrix and its two bool masks; return distance-like dist."""
     dist = check_matrix(dist, name="dist", shape=(None, None))
@@ -63,7 +58,7 @@ def _check_inputs(dist, positive, negative, similarity):
             raise ValueError(f"{name} must have the shape of dist {tuple(dist.shape)}, got {tuple(np.shape(mask))}")
         if jnp.result_type(mask) != jnp.bool_:
             raise ValueError(f"{name} must be a bool mask (see dmljax.masks.label_masks), got dtype {jnp.result_type(mask)}")
-    similarity = _check_bool_flag(similarity, name="similarity")
+    similarity = check_bool(similarity, name="similarity")
     # Larger similarity = closer; negating turns it into a distance-like quantity
     # whose differences d_ap - d_an equal s_an - s_ap, as in PML's inverted distances.
     d = -dist if similarity else dist
@@ -116,63 +111,6 @@ def batch_hard(dist, positive, negative, *, similarity: bool = False) -> BatchHa
 
 
 # --------------------------------------------------------------------------- sorted negatives
-
-
-class SortedNegatives(NamedTuple):
-    """Each anchor's negatives sorted by distance (non-negatives last, key +inf).
-
-    keys: [B, M] ascending distances (no gradient), +inf for non-negatives.
-    order: [B, M] int32 column index of each sorted entry.
-    prefix: [B, M + 1] prefix sums of the sorted (centered) negative distances, differentiable;
-      ``prefix[a, k]`` = sum of the k closest negatives' ``d - center[a]``.
-    center: [B] per-anchor mean negative distance (no gradient), subtracted before the cumulative
-      sum to limit cancellation in float32 (window sums are differences of prefix sums).
-    count: [B] int32 number of negatives.
-    """
-
-    keys: jax.Array
-    order: jax.Array
-    prefix: jax.Array
-    center: jax.Array
-    count: jax.Array
-
-
-def sort_negatives(d: jax.Array, negative: jax.Array) -> SortedNegatives:
-    """Sort every anchor's negative distances once: O(B M log M) time, O(B M) memory."""
-    d_sg = jax.lax.stop_gradient(d)
-    keys = jnp.where(negative, d_sg, jnp.inf)
-    order = jnp.argsort(keys, axis=1, stable=True).astype(jnp.int32)
-    sorted_keys = jnp.take_along_axis(keys, order, axis=1)
-    count = jnp.sum(negative, axis=1, dtype=jnp.int32)
-    center = jnp.sum(jnp.where(negative, d_sg, 0.0), axis=1) / jnp.maximum(count, 1).astype(d.dtype)
-    values = jnp.where(negative, d - center[:, None], 0.0)
-    sorted_values = jnp.take_along_axis(values, order, axis=1)
-    prefix = jnp.concatenate([jnp.zeros_like(sorted_values[:, :1]), jnp.cumsum(sorted_values, axis=1)], axis=1)
-    return SortedNegatives(sorted_keys, order, prefix, center, count)
-
-
-def _searchsorted_rows(sorted_keys: jax.Array, thresholds: jax.Array, *, side: str) -> jax.Array:
-    """Per row a: number of keys < t ("left") or <= t ("right") for every t in thresholds[a].
-
-    Uses the default binary-search ("scan") method: O(M log M) per row, never an [M, M]
-    comparison matrix (``method="compare_all"`` would be B^3 under the vmap).
-    """
-    fn = lambda k, t: jnp.searchsorted(k, t, side=side)  # noqa: E731
-    return jax.vmap(fn)(sorted_keys, jax.lax.stop_gradient(thresholds)).astype(jnp.int32)
-
-
-def window_hinge(d_ap_plus_margin: jax.Array, lo: jax.Array, hi: jax.Array, sn: SortedNegatives) -> jax.Array:
-    """sum_{j in [lo, hi)} (d_ap + margin - d_{a, sorted j}) for every (a, p), [B, M].
-
-    Equals ``(hi - lo) * (d_ap + margin - center) - (prefix[hi] - prefix[lo])``; both terms are
-    differentiable, so the gradient is exact (1 per triplet w.r.t. d_ap, -1 w.r.t. each d_an
-    inside the window) wherever no distance sits exactly on a window edge.
-    """
-    width = jnp.maximum(hi - lo, 0)
-    hi = jnp.maximum(hi, lo)
-    upper = jnp.take_along_axis(sn.prefix, hi, axis=1)
-    lower = jnp.take_along_axis(sn.prefix, lo, axis=1)
-    return width.astype(d_ap_plus_margin.dtype) * (d_ap_plus_margin - sn.center[:, None]) - (upper - lower)
 
 
 # --------------------------------------------------------------------------- semi-hard
@@ -228,7 +166,7 @@ def semihard_negatives(
     d = jax.lax.stop_gradient(d)
     m = d.shape[1]
     sn = sort_negatives(d, negative)
-    first_above = _searchsorted_rows(sn.keys, d, side="right")  # first negative with d_an > d_ap
+    first_above = searchsorted_rows(sn.keys, d, side="right")  # first negative with d_an > d_ap
     has_above = first_above < sn.count[:, None]
     above_pos = jnp.minimum(first_above, m - 1)
     above_key = jnp.take_along_axis(sn.keys, above_pos, axis=1)
@@ -333,7 +271,7 @@ def triplet_margin_stats(dist, positive, negative, *, margin: float, similarity:
     check_scalar(margin, name="margin", min_value=0.0)
     d = jax.lax.stop_gradient(d)
     sn = sort_negatives(d, negative)
-    active = _searchsorted_rows(sn.keys, d + margin, side="left")
+    active = searchsorted_rows(sn.keys, d + margin, side="left")
     num_active = jnp.sum(jnp.where(positive, active, 0).astype(jnp.float32))
     num_triplets = jnp.sum(jnp.where(positive, sn.count[:, None], 0).astype(jnp.float32))
     raw = jax.lax.stop_gradient(jnp.asarray(dist))

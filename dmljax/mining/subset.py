@@ -13,9 +13,8 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from dmljax._validation import check_embeddings, check_key, check_labels, check_valid
+from dmljax._validation import check_positive_int, check_embeddings, check_key, check_labels, check_valid
 
 __all__ = ["MaximumLossSubset", "maximum_loss_miner", "random_subsets"]
 
@@ -35,12 +34,6 @@ class MaximumLossSubset(NamedTuple):
     best: jax.Array
 
 
-def _check_positive_int(value, *, name: str) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
 def random_subsets(
     key: jax.Array, batch_size: int, *, subset_size: int, num_trials: int, valid: jax.Array | None = None
 ) -> jax.Array:
@@ -51,8 +44,8 @@ def random_subsets(
     than S rows are valid.
     """
     key = check_key(key)
-    subset_size = _check_positive_int(subset_size, name="subset_size")
-    num_trials = _check_positive_int(num_trials, name="num_trials")
+    subset_size = check_positive_int(subset_size, name="subset_size")
+    num_trials = check_positive_int(num_trials, name="num_trials")
     if subset_size > batch_size:
         raise ValueError(f"subset_size must be <= the batch size {batch_size}, got {subset_size}")
     scores = jax.random.uniform(key, (num_trials, batch_size))

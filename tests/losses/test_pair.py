@@ -224,7 +224,7 @@ CASES = [
     ("npair_one_per_class", npair_loss, ref_npair, {"pairs": "one_per_class", "l2_reg": 0.05}),
     ("quadruplet", quadruplet_loss, ref_quadruplet, {}),
     ("quadruplet_margins", quadruplet_loss, ref_quadruplet, {"margin1": 2.0, "margin2": 1.5}),
-    ("quadruplet_hard", quadruplet_loss, ref_quadruplet_hard, {"mining": "hard"}),
+    ("quadruplet_hard", quadruplet_loss, ref_quadruplet_hard, {"mining": "batch_hard"}),
     ("ranked_list", ranked_list_loss, ref_ranked_list, {}),
     ("ranked_list_tp", ranked_list_loss, ref_ranked_list,
      {"temperature_pos": 2.0, "margin": 0.8, "boundary": 1.3, "lambda_balance": 0.3}),
@@ -303,7 +303,7 @@ def test_degenerate_batches_finite(fn, batch_name):
     x, y = degenerate_batches()[batch_name]
     assert_finite(fn, x, y)
     if fn is quadruplet_loss:
-        assert_finite(fn, x, y, mining="hard")
+        assert_finite(fn, x, y, mining="batch_hard")
     if fn is npair_loss:
         assert_finite(fn, x, y, pairs="one_per_class")
 
@@ -417,7 +417,7 @@ def _max_intermediate_size(jaxpr) -> int:
     return biggest
 
 
-@pytest.mark.parametrize("mining", ["all", "hard"])
+@pytest.mark.parametrize("mining", ["all", "batch_hard"])
 def test_quadruplet_memory_is_quadratic(mining):
     """No intermediate of the loss or its gradient holds B^3 values (B = 32)."""
     b = 32
@@ -544,7 +544,7 @@ def _hinge_total_loops(entries, entry_seg, queries, query_seg, skip):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_sort_rows_through_integer_keys_equals_sort(dtype):
-    from dmljax.losses.pair import _sort_rows
+    from dmljax._numerics import _sort_rows
 
     x = np.random.default_rng(30).normal(size=(3, 9)).astype(dtype)
     x[0, :6] = [0.0, -0.0, np.inf, -np.inf, 1e-30, -1e-30]
@@ -554,7 +554,7 @@ def test_sort_rows_through_integer_keys_equals_sort(dtype):
 
 
 def test_row_and_segment_hinge_totals_match_loops_with_ties():
-    from dmljax.losses.pair import _row_hinge_total, _segment_hinge_total
+    from dmljax._numerics import row_hinge_total as _row_hinge_total, segment_hinge_total as _segment_hinge_total
 
     rng = np.random.default_rng(31)
     rows, width, segs = 3, 7, 3

@@ -377,7 +377,7 @@ def test_large_batch_memory(mining):
     import json
 
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
     out = subprocess.run([sys.executable, "-c", LARGE_BATCH_SCRIPT, "4096", "512", mining], cwd=root, env=env,
                          capture_output=True, text=True, check=True)
     report = json.loads(out.stdout.strip().splitlines()[-1])

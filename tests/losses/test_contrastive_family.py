@@ -134,7 +134,7 @@ def ref_vicreg(z1, z2, invariance=25.0, variance=25.0, covariance=1.0, eps=1e-4)
 
 
 def ref_pn(x, y, margin=1.0, soft_margin=False, metric="cosine", positive_mining="hard",
-           negative_mining="semi-hard"):
+           negative_mining="semihard"):
     """Szubert et al. 2019 / TF-Similarity PNLoss with its mining rules, one anchor at a time."""
     n = len(x)
 

@@ -169,7 +169,7 @@ CASES = [
     ("pnp_Dq_alpha2_noquery", pnp_loss, ref_pnp, {"variant": "Dq", "alpha": 2.0, "include_query": False}),
     ("precision_at_2", surrogate_precision_at_k_loss, ref_precision_at_k, {"k": 2, "temperature2": 0.1}),
     ("precision_at_3_cos", surrogate_precision_at_k_loss, ref_precision_at_k,
-     {"k": 3, "metric": "cosine", "temperature1": 0.5, "temperature2": 0.05}),
+     {"k": 3, "metric": "cosine_distance", "temperature1": 0.5, "temperature2": 0.05}),
     ("histogram", histogram_loss, ref_histogram, {}),
     ("histogram_10", histogram_loss, ref_histogram, {"num_steps": 10}),
 ]
