@@ -10,13 +10,16 @@ Families: grouped by WHAT THE LOSS COMPARES (module in brackets)
   `triplet_margin_loss`, `fraction_active_triplets` [triplet]; `quadruplet_loss`,
   `angular_loss`, `npair_loss`, `tuplet_loss` [pair]; `tuplet_margin_loss`, `manifold_loss`
   [margin_family]; `centroid_triplet_loss` [centroid]; `pn_loss` [contrastive_family];
-  `eet_loss` [structured]; `multilabel_triplet_loss` (dmljax.losses.multilabel).
+  `eet_loss` [structured]; `multilabel_triplet_loss` (dmljax.losses.multilabel);
+  `selectively_contrastive_triplet_loss` [selective_triplet].
 * Pair weighting -- every pair weighted by its hardness: `multi_similarity_loss`,
   `circle_loss`, `margin_loss`, `log_ratio_loss` [weighted]; `ranked_list_loss` [pair];
   `cbml_loss`, `gaussian_mixture_structured_loss` [structured].
 * Batch softmax -- a softmax over the batch (or a reference set): `supcon_loss`,
   `ntxent_loss`, `nca_loss`, `soft_nearest_neighbour_loss`, `multiple_negatives_ranking_loss`,
-  `instance_loss`, `vicreg_loss` (self-supervised) [contrastive_family].
+  `instance_loss`, `vicreg_loss` (self-supervised) [contrastive_family];
+  `decoupled_contrastive_loss` (DCL / DCLW) [decoupled_contrastive]; `multi_supcon_loss`
+  (multi-label SupCon) [multilabel_contrastive].
 * Proxies -- embeddings against learnable class proxies: `proxy_nca_loss`,
   `proxy_anchor_loss`, `multi_proxy_anchor_loss`, `soft_triple_loss` [proxy]; `hier_loss`,
   `hier_regularized_loss` (hyperbolic) [hyperbolic]; `hybrid_pair_proxy_loss` [structured];
@@ -24,11 +27,12 @@ Families: grouped by WHAT THE LOSS COMPARES (module in brackets)
 * Classification margin -- logits of a normalised classifier with an angular/additive margin:
   `normalized_softmax_loss`, `cosface_loss`, `arcface_loss`, `subcenter_arcface_loss`,
   `sphereface_loss`, `large_margin_softmax_loss`, `center_loss` [classification];
-  `p2sgrad_loss` [margin_family].
+  `p2sgrad_loss` [margin_family]; `dynamic_arcface_loss` (margins from class counts) [dynamic_margin].
 * Ranking / AP -- a retrieval metric made differentiable: `fastap_loss`, `smooth_ap_loss`,
   `pnp_loss`, `surrogate_precision_at_k_loss`, `histogram_loss` [ranking].
 * Distillation -- a student's geometry against a teacher's: `rkd_*` (dmljax.losses.distillation).
-* Combinators: `combine_losses` [structured]; `make_loss_ensemble` (dmljax.losses.ensemble).
+* Combinators: `combine_losses` [structured]; `make_loss_ensemble` (dmljax.losses.ensemble);
+  `matryoshka_loss` / `matryoshka` (any loss on nested embedding prefixes) [matryoshka].
 
 Common arguments of the pair-based losses (one core: `dmljax.losses._core.pair_set`)
 ------------------------------------------------------------------------------------
@@ -125,3 +129,8 @@ from dmljax.losses.margin_family import (
     tuplet_margin_loss,
 )
 from dmljax.losses.centroid import centroid_triplet_loss
+from dmljax.losses.decoupled_contrastive import decoupled_contrastive_loss, von_mises_fisher_weights
+from dmljax.losses.dynamic_margin import dynamic_arcface_loss, dynamic_margins
+from dmljax.losses.matryoshka import evaluate_prefixes, matryoshka, matryoshka_loss
+from dmljax.losses.multilabel_contrastive import multi_supcon_loss
+from dmljax.losses.selective_triplet import selectively_contrastive_triplet_loss

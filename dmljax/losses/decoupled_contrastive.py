@@ -15,7 +15,9 @@ import jax.numpy as jnp
 
 from dmljax import distances
 from dmljax._validation import check_choice, check_scalar
-from dmljax.losses.pair import _check_reduction, _masked_logsumexp, _prepare
+from dmljax._numerics import masked_logsumexp
+from dmljax.losses._core import check_loss_reduction as _check_reduction
+from dmljax.losses.pair import _prepare
 from dmljax.reductions import reduce_loss
 
 __all__ = ["DCL_WEIGHTINGS", "decoupled_contrastive_loss", "von_mises_fisher_weights"]
@@ -40,7 +42,8 @@ def von_mises_fisher_weights(similarity: jax.Array, positive: jax.Array, *, sigm
     """
     check_scalar(sigma, name="sigma", min_value=0.0, min_inclusive=False)
     logits = similarity / sigma
-    log_total, any_pos = _masked_logsumexp(logits.reshape(-1), positive.reshape(-1), axis=0)
+    log_total = masked_logsumexp(logits.reshape(-1), positive.reshape(-1), axis=0)
+    any_pos = jnp.any(positive)
     count = jnp.maximum(jnp.sum(positive), 1).astype(similarity.dtype)
     log_ratio = logits - (log_total - jnp.log(count))
     ratio = jnp.exp(jnp.where(positive, log_ratio, 0.0))
@@ -92,7 +95,7 @@ def decoupled_contrastive_loss(
     x, _, valid, positive, negative = _prepare(embeddings, labels, valid)
     sim = distances.cosine_similarity(x)
     logits = sim / temperature
-    log_neg, _ = _masked_logsumexp(logits, negative, axis=1)
+    log_neg = masked_logsumexp(logits, negative, axis=1)
     if weighting is None:
         w = jnp.ones_like(sim)
     else:

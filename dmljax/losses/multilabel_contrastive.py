@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from dmljax import distances
 from dmljax._validation import check_embeddings, check_scalar, check_valid
 from dmljax.losses.multilabel import _multi_hot, jaccard_relevance
-from dmljax.losses.pair import _check_reduction, _masked_logsumexp
+from dmljax._numerics import masked_logsumexp
+from dmljax.losses._core import check_loss_reduction as _check_reduction
 from dmljax.reductions import reduce_loss
 
 __all__ = ["multi_supcon_loss"]
@@ -71,7 +72,7 @@ def multi_supcon_loss(
         others = others & valid[:, None] & valid[None, :]
     positive = others & (jac > threshold)
     logits = distances.cosine_similarity(x) / temperature
-    log_denominator, _ = _masked_logsumexp(logits, others, axis=1)
+    log_denominator = masked_logsumexp(logits, others, axis=1)
     log_prob = jnp.where(positive, logits - log_denominator[:, None], 0.0)
     count = jnp.sum(positive, axis=1).astype(x.dtype)
     per_anchor = -jnp.sum(jac * log_prob, axis=1) / jnp.maximum(count, 1.0)

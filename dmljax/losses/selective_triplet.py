@@ -22,7 +22,8 @@ import jax.numpy as jnp
 
 from dmljax import distances
 from dmljax._validation import check_choice, check_scalar
-from dmljax.losses.pair import _check_reduction, _prepare
+from dmljax.losses._core import check_loss_reduction as _check_reduction
+from dmljax.losses.pair import _prepare
 from dmljax.reductions import reduce_loss
 
 __all__ = ["SELECTIVE_BASE_LOSSES", "SELECTIVE_POSITIVES", "selectively_contrastive_triplet_loss"]

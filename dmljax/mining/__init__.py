@@ -23,3 +23,4 @@ from dmljax.mining.extra import (
     uniform_histogram_miner,
 )
 from dmljax.mining.subset import MaximumLossSubset, maximum_loss_miner, random_subsets
+from dmljax.mining.subsample import SampledTriplets, triplets_per_anchor, tuples_per_anchor
