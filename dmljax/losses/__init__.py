@@ -32,7 +32,7 @@ Families: grouped by WHAT THE LOSS COMPARES (module in brackets)
   `pnp_loss`, `surrogate_precision_at_k_loss`, `histogram_loss` [ranking].
 * Distillation -- a student's geometry against a teacher's: `rkd_*` (dmljax.losses.distillation).
 * Combinators: `combine_losses` [structured]; `make_loss_ensemble` (dmljax.losses.ensemble);
-  `matryoshka_loss` / `matryoshka` (any loss on nested embedding prefixes) [matryoshka].
+  `matryoshka_loss` (and the factory `dmljax.losses.matryoshka.matryoshka`: any loss on nested embedding prefixes) [matryoshka].
 
 Common arguments of the pair-based losses (one core: `dmljax.losses._core.pair_set`)
 ------------------------------------------------------------------------------------
@@ -131,6 +131,6 @@ from dmljax.losses.margin_family import (
 from dmljax.losses.centroid import centroid_triplet_loss
 from dmljax.losses.decoupled_contrastive import decoupled_contrastive_loss, von_mises_fisher_weights
 from dmljax.losses.dynamic_margin import dynamic_arcface_loss, dynamic_margins
-from dmljax.losses.matryoshka import evaluate_prefixes, matryoshka, matryoshka_loss
+from dmljax.losses.matryoshka import evaluate_prefixes, matryoshka_loss
 from dmljax.losses.multilabel_contrastive import multi_supcon_loss
 from dmljax.losses.selective_triplet import selectively_contrastive_triplet_loss

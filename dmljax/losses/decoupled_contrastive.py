@@ -86,7 +86,8 @@ def decoupled_contrastive_loss(
       reduction: over positive pairs (see `dmljax.reductions.reduce_loss`).
       valid: optional bool [B] of real (non-padding) rows.
     Returns:
-      Scalar loss ([B, B] with ``reduction="none"``).
+      Scalar loss ([B] with ``reduction="none"``: each anchor's sum over its positive pairs,
+      the library-wide per-anchor rule).
     """
     check_scalar(temperature, name="temperature", min_value=0.0, min_inclusive=False)
     check_choice(weighting, name="weighting", choices=DCL_WEIGHTINGS)
@@ -101,4 +102,6 @@ def decoupled_contrastive_loss(
     else:
         w = von_mises_fisher_weights(sim, positive, sigma=sigma)
     values = jnp.where(positive, log_neg[:, None] - w * logits, 0.0)
+    if reduction == "none":
+        return jnp.sum(values, axis=1)
     return reduce_loss(values, positive.astype(x.dtype), reduction=reduction)

@@ -101,11 +101,12 @@ _CLASS_WEIGHTS = (("init_std", 1.0),)
 LOSSES: dict[str, LossEntry] = {
     # pair / tuple / ranking / structured losses: no learnable array
     **{name: LossEntry(getattr(L, name)) for name in (
-        "angular_loss", "cbml_loss", "centroid_triplet_loss", "circle_loss", "contrastive_loss", "eet_loss",
+        "angular_loss", "cbml_loss", "centroid_triplet_loss", "circle_loss", "contrastive_loss",
+        "decoupled_contrastive_loss", "eet_loss",
         "fastap_loss", "gaussian_mixture_structured_loss", "generalized_lifted_structured_loss",
         "histogram_loss", "intra_pair_variance_loss", "lifted_structured_loss", "multi_similarity_loss",
         "nca_loss", "npair_loss", "ntxent_loss", "pn_loss", "pnp_loss", "quadruplet_loss", "ranked_list_loss",
-        "smooth_ap_loss", "snr_contrastive_loss", "soft_nearest_neighbour_loss", "supcon_loss",
+        "selectively_contrastive_triplet_loss", "smooth_ap_loss", "snr_contrastive_loss", "soft_nearest_neighbour_loss", "supcon_loss",
         "surrogate_precision_at_k_loss", "threshold_consistent_margin_loss", "triplet_margin_loss",
         "tuplet_margin_loss")},
     # proxies (dmljax.models.proxies)
@@ -147,6 +148,10 @@ NOT_TRAINABLE_LOSSES = {
     "multiple_negatives_ranking_loss": "takes (anchors, positives) pairs, not class labels",
     "tuplet_loss": "takes (anchors, positives, negatives) tuples, not class labels",
     "vicreg_loss": "takes two views (z1, z2), not class labels",
+    "matryoshka_loss": "wraps another loss (nested embedding prefixes): set loss.matryoshka_dims",
+    "multi_supcon_loss": "takes multi-hot labels [B, C], not class ids",
+    "dynamic_arcface_loss": "takes the training set's class counts as an array argument; "
+                            "call it from a user loop (arcface is the trainer's fixed-margin form)",
 }
 _NOT_OPTIONS = ("valid", "key")  # the trainer passes them
 

@@ -33,6 +33,8 @@ def _inputs(fn):
         "weights": rng.normal(size=(C, K, D) if three_d else (C, D)),
         "proxies": rng.normal(size=(C, K, D) if three_d else (C, D)),
         "centers": rng.normal(size=(C, K, D) if three_d else (C, D)),
+        "class_counts": np.arange(1, C + 1),
+        "multi_hot": np.eye(C, dtype=bool)[y] | np.eye(C, dtype=bool)[(y + 1) % C],
     }
     return [table[p] for p in params], ({"k": 2} if fn is L.surrogate_precision_at_k_loss else {})
 
