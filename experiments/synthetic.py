@@ -1,6 +1,8 @@
-"""Synthetic multi-label and cross-modal retrieval tasks (issue 8): data, training, evaluation.
+"""Synthetic multi-label and cross-modal retrieval tasks: data, training, evaluation.
 
-    from experiments.configs import get_config
+    python -m experiments.synthetic --config synthetic_multilabel --set loss.label_mode=first
+
+    from dmljax.configs import get_config
     from experiments.synthetic import run
     metrics = run(get_config("synthetic_multilabel"), "runs/synthetic_multilabel")
 
@@ -71,7 +73,7 @@ from dmljax.metrics.retrieval import neighbor_hits, retrieval_metrics
 from dmljax.models.cross_modal import MLPEncoder, TwoBranchEmbedding, modality_aware_triplet_loss
 from dmljax.train.optim import make_optimizer
 
-__all__ = ["TASKS", "make_multilabel_data", "make_cross_modal_data", "map_at_all", "run"]
+__all__ = ["TASKS", "main", "make_multilabel_data", "make_cross_modal_data", "map_at_all", "run"]
 
 TASKS = ("multilabel", "cross_modal")
 
@@ -373,14 +375,19 @@ def run(config, workdir: str | os.PathLike | None = None) -> dict[str, float]:
     return out
 
 
-if __name__ == "__main__":
-    import sys
-
-    from experiments.configs import get_config
-    from experiments.train import apply_overrides
-
-    # python -m experiments.synthetic [config name] [key=value ...]
-    name = sys.argv[1] if len(sys.argv) > 1 else "synthetic_multilabel"
-    cfg = apply_overrides(get_config(name), sys.argv[2:])
-    for key_, value in run(cfg, cfg.get("workdir")).items():
+def main(argv=None) -> dict[str, float]:
+    """``python -m experiments.synthetic --config synthetic_multilabel --set loss.label_mode=first``:
+    the `dmljax.train.cli` flags (``--config`` a synthetic config of `dmljax.configs`, ``--set``,
+    ``--workdir``); prints and returns the metrics."""
+    from dmljax.train.cli import build_parser, parse_config
+    args = build_parser(description="Synthetic multi-label / cross-modal retrieval tasks.",
+                        default_config="synthetic_multilabel").parse_args(argv)
+    config = parse_config(args)
+    out = run(config, args.workdir or config.workdir)
+    for key_, value in out.items():
         print(f"{key_:<28} {value:.4f}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

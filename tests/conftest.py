@@ -8,7 +8,7 @@ import os
 _xla_flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _xla_flags:
     _xla_flags += " --xla_force_host_platform_device_count=8"
-# No --xla_backend_optimization_level=0 (tried in session 2 for ~30% less compile CPU): on jaxlib
+# No --xla_backend_optimization_level=0 (tried for ~30% less compile CPU): on jaxlib
 # 0.10.2 level 0 combined with the legacy emitters below miscompiled the conv-net's 2x2 max pool
 # (strided slices / reshape + max and its custom VJP): the gradient norm of a train step came out
 # 2.3108 instead of 2.2923 (test_parallel_step_equals_single_device caught it; either flag alone

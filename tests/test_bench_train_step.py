@@ -50,7 +50,7 @@ def _one_step(mode, loss, num_devices, images, labels):
 
 
 # proxy anchor: gathered embeddings AND a learnable loss array (proxies) replicated over devices
-@pytest.mark.slow  # 7-16 s; the suite's 10-minute budget (session 4; covered by faster unit tests): -m slow
+@pytest.mark.slow  # 7-16 s; the suite's 10-minute budget (covered by faster unit tests): -m slow
 @pytest.mark.parametrize("mode,loss", [("softmax", "multi_similarity"), ("dml", "proxy_anchor")])
 def test_parallel_step_equals_single_device_step(mode, loss):
     # the gathered loss is scaled by 1/N and the per-device CE too: a missing or double

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from dmljax.train.lifted_pool import POOL_KEY, LiftedHardNegativeSampler
-from experiments import train as T
+from dmljax.train import builders
+from dmljax.train import objective
 from tests.test_train_methods import _check_finite_run, _config, _main, _toy_state
 from tests.utils import Interrupted, fit_with_interrupt, max_tree_diff as _max_diff
 
@@ -22,8 +23,8 @@ LIFTED = ("sampler.name=lifted_hard_negative",)
 
 
 def _lifted(config, images, labels, seed_key=0):
-    base = T.build_sampler(config, labels)
-    return T.build_lifted_sampler(config, base, images, labels, key=jax.random.key(seed_key))
+    base = builders.build_sampler(config, labels)
+    return builders.build_lifted_sampler(config, base, images, labels, key=jax.random.key(seed_key))
 
 
 @pytest.mark.parametrize("sets", [pytest.param((), marks=pytest.mark.slow), pytest.param(("method.name=divide_conquer", "method.options.num_learners=2",
@@ -130,7 +131,7 @@ def test_pool_rides_along_every_objective():
                        (("memory.size=32",), {"base", "memory"}),
                        (("method.name=divide_conquer", "loss.name=contrastive"), {"base", "method", "clusters"})]:
         c = _config(*LIFTED, *sets)
-        obj = T.build_objective(c, num_classes=8, num_train=64, dim=8, batch_size=16, steps_per_epoch=2,
+        obj = objective.build_objective(c, num_classes=8, num_train=64, dim=8, batch_size=16, steps_per_epoch=2,
                                 key=jax.random.key(0))
         assert set(obj.loss_state) == keys | {POOL_KEY}, sets
         assert obj.loss_state[POOL_KEY]["embeddings"].shape == (64, 8)  # pool_size 4096 capped at N
@@ -144,7 +145,7 @@ def test_pool_rides_along_every_objective():
 
 def test_bad_options_raise_naming_the_option():
     def options(*sets):
-        return T.lifted_sampler_options(_config(*sets), num_train=64, steps_per_epoch=2)
+        return builders.lifted_sampler_options(_config(*sets), num_train=64, steps_per_epoch=2)
 
     assert options() is None
     assert options(*LIFTED) == {"num_pairs": 2, "negatives_per_pair": 6, "pool_size": 64, "refresh_every": 2}

@@ -1,11 +1,11 @@
-"""experiments.rerank: similarity-network re-ranking report (tiny sizes)."""
+"""dmljax.train.rerank: similarity-network re-ranking report (tiny sizes)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import rerank as rr
+from dmljax.train import rerank as rr
 
 FAST = {"rerank_steps": 150, "rerank_hidden": (32, 32), "rerank_batch_size": 128, "rerank_learning_rate": 3e-3,
         "rerank_neighbours": 10, "rerank_k": 8}
@@ -78,7 +78,7 @@ def test_report_matches_numpy_reference(monkeypatch):
     assert after[0] > before[0]  # the known score reads the class dims: a real improvement
 
 
-@pytest.mark.slow  # 7-16 s; the suite's 10-minute budget (session 4; covered by faster unit tests): -m slow
+@pytest.mark.slow  # 7-16 s; the suite's 10-minute budget (covered by faster unit tests): -m slow
 def test_learned_reranker_improves_r1_when_the_metric_is_misled():
     # unseen test classes: the network must learn a comparison, not memorise classes
     xtr, ytr = _misled(1, 24, 8, 0)

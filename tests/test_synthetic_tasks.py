@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from experiments.configs import get_config
+from dmljax.configs import get_config
 from experiments.synthetic import make_cross_modal_data, make_multilabel_data, map_at_all, run
 
 
@@ -44,10 +44,10 @@ def _without_time(metrics):
     return {k: v for k, v in metrics.items() if k != "train_seconds"}
 
 
-def test_config_entry_points_here():
+def test_synthetic_configs_name_their_task():
     for name, task in (("synthetic_multilabel", "multilabel"), ("synthetic_cross_modal", "cross_modal")):
         c = get_config(name)
-        assert c.entry == "experiments.synthetic" and c.task == task
+        assert c.task == task
 
 
 def test_multilabel_data_is_deterministic_and_well_formed():
@@ -139,7 +139,7 @@ def test_run_is_deterministic_and_finite(task, tmp_path):
     assert (tmp_path / "config.json").exists()
 
 
-@pytest.mark.slow  # 7-16 s; the suite's 10-minute budget (session 4; covered by faster unit tests): -m slow
+@pytest.mark.slow  # 7-16 s; the suite's 10-minute budget (covered by faster unit tests): -m slow
 def test_multilabel_sampling_sees_more_positive_pairs_than_first_label_baseline():
     multi = _cached("multilabel")
     first = _cached("multilabel", ("loss.label_mode", "first"))

@@ -14,8 +14,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import data_sources as ds
-from experiments.configs import get_config
+from dmljax.data import sources
+from dmljax.train import builders
+from dmljax.train import evaluation
+from dmljax.train import models
+from dmljax.configs import get_config
 
 EMBEDDING_DIM = 8
 
@@ -37,7 +40,7 @@ def _tiny_config(**data):
 def _normalised(images_uint8, lo, hi):
     """Independent reference of the eval transform when the centre crop is a whole-pixel window."""
     x = images_uint8[:, lo:hi, lo:hi].astype(np.float64) / 255.0
-    return (x - np.array(ds.IMAGENET_MEAN)) / np.array(ds.IMAGENET_STD)
+    return (x - np.array(models.IMAGENET_MEAN)) / np.array(models.IMAGENET_STD)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +48,7 @@ def cub_source():
     pytest.importorskip("tensorflow", reason="tensorflow (tensorflow-cpu) is needed for TFDS loading")
     tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=16):
-        return ds.load_data_source(_tiny_config())
+        return sources.load_data_source(_tiny_config())
 
 
 def test_cub_mock_source_layout(cub_source):
@@ -70,13 +73,13 @@ def test_cub_mock_train_two_steps_and_evaluate(cub_source):
     from dmljax.train.step import train_step
 
     src, c = cub_source, _tiny_config()
-    model = ds.build_model(c, rngs=nnx.Rngs(0), in_channels=src.channels)
+    model = models.build_model(c, 0)
     proxies = jax.random.normal(jax.random.key(1), (src.num_classes, EMBEDDING_DIM), jnp.float32)
     o = c.optim
     tx = make_optimizer(learning_rate=o.learning_rate, total_steps=2, loss_lr_mult=o.loss_lr_mult,
                         weight_decay=o.weight_decay, optimizer=o.optimizer)
-    loss_fn = functools.partial(proxy_anchor_loss, margin=c.loss.margin, alpha=c.loss.alpha)
-    state = create_train_state(model, tx, loss_fn, (proxies,), augment_fn=ds.build_augment_fn(c),
+    loss_fn = functools.partial(proxy_anchor_loss, **c.loss.options)
+    state = create_train_state(model, tx, loss_fn, (proxies,), augment_fn=builders.build_augment(c),
                                freeze_batch_norm=o.freeze_batch_norm)
     initial = state
     sampler = MPerClassSampler(src.train_labels, classes_per_batch=4, samples_per_class=2, seed=0)
@@ -94,7 +97,7 @@ def test_cub_mock_train_two_steps_and_evaluate(cub_source):
     assert not moved(state.batch_stats, initial.batch_stats)
 
     kept: dict = {}
-    result = ds.evaluate_source(state, src, with_nmi=True, batch_size=8, keep=kept)
+    result = evaluation.evaluate(state, src, with_nmi=True, batch_size=8, keep=kept)
     for name in ("recall@1", "recall@8", "map_at_r", "r_precision", "nmi"):
         assert 0.0 <= result[name] <= 1.0, (name, result[name])
     assert not any(k.startswith("ndcg") for k in result) and "one_shot_error" not in result
@@ -129,12 +132,12 @@ def test_image_input_normalisation(caffe):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(3, 40, 40, 3), dtype=np.uint8)
     if caffe:  # BN-Inception: BGR in [0, 255] minus (104, 117, 128)
-        layer = ds.ImageInput(_MeanPool(), crop_size=32, eval_crop_fraction=0.8, mean=ds.CAFFE_BGR_MEAN,
+        layer = models.ImageInput(_MeanPool(), crop_size=32, eval_crop_fraction=0.8, mean=models.CAFFE_BGR_MEAN,
                               std=(1.0, 1.0, 1.0), scale=255.0, bgr=True)
         window = images[:, 4:36, 4:36, ::-1].astype(np.float64)
-        expected = (window - np.array(ds.CAFFE_BGR_MEAN)).mean(axis=(1, 2))
+        expected = (window - np.array(models.CAFFE_BGR_MEAN)).mean(axis=(1, 2))
     else:
-        layer = ds.ImageInput(_MeanPool(), crop_size=32, eval_crop_fraction=0.8)
+        layer = models.ImageInput(_MeanPool(), crop_size=32, eval_crop_fraction=0.8)
         expected = _normalised(images, 4, 36).mean(axis=(1, 2))
     np.testing.assert_allclose(np.asarray(layer(jnp.asarray(images))), expected, rtol=1e-4, atol=1e-4)
     # training input (float in [0, 1], already at the crop size) is normalised the same way
@@ -157,7 +160,7 @@ def _torch_state_dict(net) -> dict[str, np.ndarray]:
 
 def test_pretrained_state_dict_is_loaded(tmp_path):
     c = _tiny_config()
-    source = ds.build_backbone(c, rngs=nnx.Rngs(1)).net
+    source = models.build_backbone(c, rngs=nnx.Rngs(1)).net
     for path, var in nnx.to_flat_state(nnx.state(source, nnx.BatchStat)):  # non-trivial BN statistics
         var.set_value(var.get_value() + 0.25)
     state_dict = _torch_state_dict(source)
@@ -166,8 +169,8 @@ def test_pretrained_state_dict_is_loaded(tmp_path):
     np.savez(file, **state_dict)
 
     c.model.pretrained_path = str(file)
-    loaded = ds.build_backbone(c, rngs=nnx.Rngs(2)).net
-    fresh = ds.build_backbone(_tiny_config(), rngs=nnx.Rngs(2)).net
+    loaded = models.build_backbone(c, rngs=nnx.Rngs(2)).net
+    fresh = models.build_backbone(_tiny_config(), rngs=nnx.Rngs(2)).net
     want = jax.tree.leaves(nnx.state(source, nnx.Any(nnx.Param, nnx.BatchStat)))
     got = jax.tree.leaves(nnx.state(loaded, nnx.Any(nnx.Param, nnx.BatchStat)))
     other = jax.tree.leaves(nnx.state(fresh, nnx.Any(nnx.Param, nnx.BatchStat)))
@@ -179,7 +182,7 @@ def test_pretrained_state_dict_is_loaded(tmp_path):
     del state_dict["conv1.weight"]
     np.savez(file, **state_dict)
     with pytest.raises(ValueError, match="conv1.weight"):
-        ds.build_backbone(c, rngs=nnx.Rngs(2))
+        models.build_backbone(c, rngs=nnx.Rngs(2))
 
 
 def test_folder_source_decodes_lazily(tmp_path):
@@ -193,8 +196,8 @@ def test_folder_source_decodes_lazily(tmp_path):
                 pixels = rng.integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(tmp_path / split / name / f"{i}.png")
     c = _tiny_config(name="folder", root=str(tmp_path), image_size=16, crop_size=16)
-    src = ds.load_data_source(c)
-    assert isinstance(src.train_images, ds.LazyImages) and src.num_classes == 3
+    src = sources.load_data_source(c)
+    assert isinstance(src.train_images, sources.LazyImages) and src.num_classes == 3
     assert src.train_images.shape == (9, 16, 16, 3) and len(src.eval_set.query_labels) == 6
     np.testing.assert_array_equal(src.train_labels, np.repeat(np.arange(3), 3))
     picked = src.train_images[np.array([7, 0, 4])]
@@ -210,7 +213,7 @@ def test_folder_source_decodes_lazily(tmp_path):
 
 def test_imagenet_augmentation_preset():
     c = _tiny_config()
-    augment_fn = jax.jit(ds.build_augment_fn(c))
+    augment_fn = jax.jit(builders.build_augment(c))
     images = np.random.default_rng(0).integers(0, 256, size=(4, 40, 40, 3), dtype=np.uint8)
     out = np.asarray(augment_fn(jnp.asarray(images), jax.random.key(0)))
     # crop size, still in [0, 1]: normalisation is left to ImageInput
@@ -218,7 +221,7 @@ def test_imagenet_augmentation_preset():
     again = np.asarray(augment_fn(jnp.asarray(images), jax.random.key(0)))
     np.testing.assert_array_equal(out, again)
     c.augment.enabled = False
-    assert ds.build_augment_fn(c) is None
+    assert builders.build_augment(c) is None
 
 
 @pytest.mark.parametrize(
@@ -239,22 +242,22 @@ def test_bad_config(section, key, value, name):
     c[section][key] = value
     with pytest.raises(ValueError, match=f"^{name}"):
         if section == "data" and key != "crop_size":
-            ds.load_data_source(c)
+            sources.load_data_source(c)
         elif section == "augment":
-            ds.build_augment_fn(c)
+            builders.build_augment(c)
         else:
-            ds.build_backbone(c, rngs=nnx.Rngs(0))
+            models.build_backbone(c, rngs=nnx.Rngs(0))
 
 
 def test_bfloat16_option_computes_in_bf16_with_float32_parameters():
     c = _tiny_config()
     c.model.dtype = "bfloat16"
-    backbone = ds.build_backbone(c, rngs=nnx.Rngs(0))
+    backbone = models.build_backbone(c, rngs=nnx.Rngs(0))
     convs = [m for _, m in nnx.iter_modules(backbone) if isinstance(m, nnx.Conv)]
     assert convs and all(m.dtype == jnp.bfloat16 for m in convs)
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(backbone, nnx.Param)))
     # the normalised input reaches the network in bf16 (normalisation itself in float32)
-    layer = ds.ImageInput(_MeanPool(), crop_size=8, dtype=jnp.bfloat16)
+    layer = models.ImageInput(_MeanPool(), crop_size=8, dtype=jnp.bfloat16)
     images = np.random.default_rng(0).integers(0, 256, size=(2, 8, 8, 3), dtype=np.uint8)
     out = layer(jnp.asarray(images))
     assert out.dtype == jnp.bfloat16
@@ -291,7 +294,7 @@ def test_sop_and_inshop_sources_from_list_files(tmp_path, kind):
         (tmp_path / "list_eval_partition.txt").write_text("\n".join(lines) + "\n")
     c = _tiny_config(name=kind, root=str(tmp_path), image_size=8, crop_size=8)
     c.data.eval_ks = (1, 2)
-    src = ds.load_data_source(c)
+    src = sources.load_data_source(c)
     e = src.eval_set
     assert src.num_classes == 2 and src.channels == 3 and e.ks == (1, 2)
     assert src.train_images[np.arange(len(src.train_labels))].shape == (len(src.train_labels), 8, 8, 3)

@@ -132,16 +132,17 @@ def test_permuting_the_images_permutes_the_embeddings(state, images, perm):
 
 
 def test_final_evaluation_views_come_from_final_tta_shifts(state, images):
-    from experiments import train as T
-    from experiments.configs import get_config
+    from dmljax.train import cli
+    from dmljax.train import evaluation
+    from dmljax.configs import get_config
 
-    config = T.apply_overrides(get_config("omniglot"), ["eval.tta_shifts=((0, 0),)",
+    config = cli.apply_overrides(get_config("omniglot"), ["eval.tta_shifts=((0, 0),)",
                                                         "eval.final_tta_shifts=((0, 0), (1, 0), (0, 1))"])
-    every, final = T.make_embed_fn(config), T.make_embed_fn(config, final=True)
+    every, final = evaluation.make_embed_fn(config), evaluation.make_embed_fn(config, final=True)
     np.testing.assert_allclose(every(state, images, 4), _normalize(np.asarray(embed(state, images))), atol=1e-5)
     expected = embed_tta(state, images, shifts=((0, 0), (1, 0), (0, 1)), batch_size=4)
     np.testing.assert_allclose(final(state, images, 4), expected, atol=1e-6)
     # an empty final_tta_shifts falls back to the views of every evaluation
-    config = T.apply_overrides(config, ["eval.final_tta_shifts=()"])
-    np.testing.assert_allclose(T.make_embed_fn(config, final=True)(state, images, 4),
+    config = cli.apply_overrides(config, ["eval.final_tta_shifts=()"])
+    np.testing.assert_allclose(evaluation.make_embed_fn(config, final=True)(state, images, 4),
                                every(state, images, 4), atol=1e-6)

@@ -1,4 +1,5 @@
-"""dmljax.data: offline Omniglot, samplers, on-device augmentation, folder datasets.
+"""dmljax.data: offline Omniglot, samplers, on-device augmentation, folder datasets, and the
+trainer's data sources (`DataSource`, `load_data_source`: Omniglot, toy, TFDS, folders).
 
 `dmljax.data.tfds` (TensorFlow Datasets loaders) is a submodule that is not imported
 here, so TensorFlow is never imported implicitly. `dmljax.data.augment.augment` is not
@@ -19,3 +20,4 @@ from dmljax.data.omniglot import (
 )
 from dmljax.data.samplers import HierarchicalSampler, MPerClassSampler, RepeatedCompositionSampler
 from dmljax.data.tuple_samplers import FixedSetOfTriplets, TuplesToWeightsSampler, tuple_counts, tuple_weights
+from dmljax.data.sources import DataSource, EvalSet, LazyImages, add_label_noise, load_data_source

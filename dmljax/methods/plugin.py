@@ -55,6 +55,8 @@ __all__ = ["METHODS", "Method", "make_method"]
 METHODS = ("none", "daml", "hard_sample_generation", "iaa", "das", "divide_conquer", "alternating_projection",
            "bspml")
 
+NUM_LEARNERS = 4  # divide and conquer: default number of learners (Sanakoyeu et al. 2019 use 4-32)
+
 
 class Method(NamedTuple):
     """init(key) -> (params, state); loss(params, state, embeddings, labels, key, step, cluster_ids=None,
@@ -187,7 +189,7 @@ def make_method(name: str, base_loss: Callable[..., jax.Array], *, num_classes: 
             return base(ex, ey), state
 
     elif name == "divide_conquer":
-        num_learners, finetune_fraction = pop("num_learners", 4), pop("finetune_fraction", 0.0)
+        num_learners, finetune_fraction = pop("num_learners", NUM_LEARNERS), pop("finetune_fraction", 0.0)
         if not 0.0 <= finetune_fraction <= 1.0:
             raise ValueError(f"finetune_fraction must be in [0, 1], got {finetune_fraction}")
         init = lambda key: ((), ())  # noqa: E731

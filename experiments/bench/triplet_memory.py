@@ -1,4 +1,4 @@
-"""Peak memory of the all-triplets / semi-hard triplet losses at a large batch (issue 3, acceptance 2).
+"""Peak memory of the all-triplets / semi-hard triplet losses at a large batch (no B^3 tensors).
 
 Compiles ``jit(value_and_grad(triplet_margin_loss))`` for one ``--mining`` at B x D float32 on the
 default JAX device, runs it ``--repeats`` times and prints one JSON line with:

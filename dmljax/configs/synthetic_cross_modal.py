@@ -1,7 +1,7 @@
-"""Synthetic zero-shot cross-modal retrieval (issue 8; `experiments.synthetic`, task "cross_modal").
+"""Synthetic zero-shot cross-modal retrieval (`experiments.synthetic`, task "cross_modal").
 
-    python -m experiments.synthetic synthetic_cross_modal                       # MATHM mining
-    python -m experiments.synthetic synthetic_cross_modal loss.mining=batch_hard  # plain batch-hard
+    python -m experiments.synthetic --config synthetic_cross_modal                     # MATHM mining
+    python -m experiments.synthetic --config synthetic_cross_modal --set loss.mining=batch_hard  # plain batch-hard
 
 "Sketches" and "photos" are two different random nonlinear views of noisy class latents; 200
 classes train (8 items per modality), 50 unseen classes test (10 per modality) (sketch queries vs photo gallery: R@1, MAP@R, mAP@all).
@@ -15,7 +15,6 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.entry = "experiments.synthetic"  # experiments.train calls run(config, workdir) when set
     c.task = "cross_modal"
     c.seed = 0
     c.workdir = "runs/synthetic_cross_modal"

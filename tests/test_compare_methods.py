@@ -1,4 +1,4 @@
-"""experiments.compare_issue7 with a fake trainer: argument parsing, the overrides every run gets,
+"""experiments.compare_methods with a fake trainer: argument parsing, the overrides every run gets,
 the seed-major order, mean/std, resume, --stop-at and the written json/md (the real runs are not
 part of the suite)."""
 
@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from experiments import compare_issue7 as c
-from experiments import train as trainer
-from experiments.configs import get_config
+from experiments import compare_methods as c
+from dmljax.train import cli
+from dmljax.configs import get_config
 
 
 def _fake_runner(calls):
@@ -28,7 +28,7 @@ def test_overrides_are_valid_trainer_config():
         assert argv[:2] == ["--config", "omniglot_small"] and argv[3] == f"runs/x/{variant}_seed1"
         overrides = argv[5::2]
         assert argv[4::2] == ["--set"] * len(overrides)
-        config = trainer.apply_overrides(get_config("omniglot_small"), overrides)  # unknown keys raise
+        config = cli.apply_overrides(get_config("omniglot_small"), overrides)  # unknown keys raise
         assert config.optim.num_steps == 7 and config.seed == 1 and config.train.final_nmi is False
         assert tuple(config.eval.tta_shifts) == ((0, 0),) and tuple(config.eval.tta_zooms) == (1.0,)
         assert config.method.name == dict(s.split("=") for s in sets)["method.name"]

@@ -34,90 +34,46 @@ same as ``.npz``). Without it the backbone starts from random initialisation and
 far below the paper's (R@1 69.9 / 79.6 / 86.6 / 91.4 for Proxy-Anchor-512 with ResNet-50).
 
 Multi-similarity alternative (Wang et al., CVPR 2019): ``--set loss.name=multi_similarity``
-(alpha 2, beta 50, lambda 0.5 (``ms_base``), epsilon 0.1; keep the 30 x 4 batches and
+(``loss.options`` alpha 2, beta 50, base 0.5, epsilon 0.1: the loss's defaults; keep the 30 x 4 batches and
 ``optim.loss_lr_mult`` is then unused).
 """
 
 import ml_collections
 
+from dmljax.configs import base
+
 EPOCH_STEPS = 5864 // 120  # 48 full batches per epoch over the 100 training classes
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.seed = 0
+    c = base.get_config()
     c.workdir = "runs/cub200_resnet50"
-
-    c.data = ml_collections.ConfigDict()
     c.data.name = "tfds:caltech_birds2011"
     c.data.train_split = "train"  # the DML class split (classes 0..99 / 100..199)
     c.data.test_split = "test"
     c.data.image_size = 256  # stored size ("resize 256")
     c.data.crop_size = 224  # training crop / test centre crop
-    c.data.resize = "stretch"  # or "center_crop" (shorter side to image_size, central square)
-    c.data.crop_to_bbox = False  # the standard protocol uses whole images
-    c.data.rotation_classes = 1  # (Omniglot only)
-    c.data.data_dir = ""  # TFDS data directory ("" = TFDS default)
-    c.data.download = False
-    c.data.cache_dir = ""  # keep decoded arrays as .npz here ("" = decode every run)
-    c.data.root = ""  # (sop / inshop / folder sources)
-    c.data.eval_ks = (1, 2, 4, 8)
 
-    c.model = ml_collections.ConfigDict()
     c.model.backbone = "resnet50"
-    c.model.pretrained_path = ""  # torchvision ResNet-50 state dict (.pth / .npz); see docstring
-    c.model.dtype = "float32"  # or "bfloat16" (parameters stay float32)
-    c.model.width = 0  # 0 = the standard 64 (tests use tiny widths)
-    c.model.layers = ()  # () = the standard (3, 4, 6, 3)
-    c.model.small_input = False
     c.model.embedding_dim = 512
-    c.model.head_norm = ""
-    c.model.channels = (32, 64, 128, 256)  # (convnet only)
-    c.model.num_pools = 3  # (convnet only)
-    c.model.pooling = "avg"  # (convnet only)
 
-    c.loss = ml_collections.ConfigDict()
     c.loss.name = "proxy_anchor"
-    c.loss.margin = 0.1  # Kim et al. 2020
-    c.loss.alpha = 32.0
-    c.loss.ms_alpha = 2.0  # multi-similarity: Wang et al. 2019
-    c.loss.ms_beta = 50.0
-    c.loss.ms_base = 0.5
-    c.loss.ms_epsilon = 0.1
+    c.loss.options.margin = 0.1  # Kim et al. 2020
+    c.loss.options.alpha = 32.0
 
-    c.sampler = ml_collections.ConfigDict()
     c.sampler.classes_per_batch = 30
     c.sampler.samples_per_class = 4
-    c.sampler.name = "m_per_class"  # or "lifted_hard_negative" (Oh Song 2016 Sec. 4; README trainer flags)
-    c.sampler.options = ml_collections.ConfigDict()  # lifted: num_pairs, negatives_per_pair, pool_size, refresh_every
 
-    c.augment = ml_collections.ConfigDict()
-    c.augment.enabled = True
     c.augment.preset = "imagenet"  # random resized crop + flip (dmljax.data.augment.imagenet_style)
     c.augment.crop_scale = (0.08, 1.0)  # torchvision RandomResizedCrop default, as Proxy-Anchor
-    c.augment.flip = True
-    c.augment.rotation = 0.0  # (affine preset only)
-    c.augment.shear = 0.0
-    c.augment.translation = 0.0
-    c.augment.zoom = (1.0, 1.0)
 
-    c.optim = ml_collections.ConfigDict()
-    c.optim.optimizer = "adamw"
     c.optim.learning_rate = 1e-4
     c.optim.warmup_steps = 5 * EPOCH_STEPS
     c.optim.num_steps = 60 * EPOCH_STEPS  # 60 epochs (official default)
-    c.optim.backbone_lr_mult = 1.0
-    c.optim.head_lr_mult = 1.0
     c.optim.loss_lr_mult = 100.0  # proxies at 1e-2
-    c.optim.weight_decay = 1e-4
     c.optim.freeze_batch_norm = True  # --bn-freeze 1
 
-    c.train = ml_collections.ConfigDict()
-    c.train.data_parallel = False
+    c.eval.batch_size = 256
     c.train.eval_every = 5 * EPOCH_STEPS
     c.train.checkpoint_every = 5 * EPOCH_STEPS
-    c.train.log_every = 10
-    c.train.final_nmi = True
-    c.train.progress = True
-    c.train.eval_batch_size = 256
     return c

@@ -1,7 +1,7 @@
-"""Synthetic multi-label retrieval (issue 8; `experiments.synthetic`, task "multilabel").
+"""Synthetic multi-label retrieval (`experiments.synthetic`, task "multilabel").
 
-    python -m experiments.synthetic synthetic_multilabel                      # multi-label sampling
-    python -m experiments.synthetic synthetic_multilabel loss.label_mode=first  # single-label baseline
+    python -m experiments.synthetic --config synthetic_multilabel                    # multi-label sampling
+    python -m experiments.synthetic --config synthetic_multilabel --set loss.label_mode=first  # single-label baseline
 
 Items are nonlinear views of sums of per-class prototype patterns (1-3 labels each, 12 classes);
 test queries are retrieved from the training archive and scored with the multi-label retrieval
@@ -15,7 +15,6 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.entry = "experiments.synthetic"  # experiments.train calls run(config, workdir) when set
     c.task = "multilabel"
     c.seed = 0
     c.workdir = "runs/synthetic_multilabel"

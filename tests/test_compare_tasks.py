@@ -1,4 +1,4 @@
-"""experiments.compare_issue8 --part omniglot_methods with a fake trainer: the overrides of every
+"""experiments.compare_tasks --part omniglot_methods with a fake trainer: the overrides of every
 run are a valid trainer config, the teacher is the same seed's baseline, seed-major order, the
 section is merged into an existing json/md (other sections kept, section 4 replaced), finished
 runs are reused only when their config matches, --stop-at (the real runs are not part of the suite)."""
@@ -8,9 +8,9 @@ import os
 
 import pytest
 
-from experiments import compare_issue8 as c
-from experiments import train as trainer
-from experiments.configs import get_config
+from experiments import compare_tasks as c
+from dmljax.train import cli
+from dmljax.configs import get_config
 
 
 def _fake_runner(calls):
@@ -29,13 +29,13 @@ def test_overrides_are_valid_trainer_config():
     for variant, *_ in c.OMNIGLOT_VARIANTS:
         argv = c.omniglot_method_argv(variant, 1, 7, "runs/x")
         assert argv[:4] == ["--config", "omniglot_small", "--workdir", f"runs/x/{variant}_seed1"]
-        config = trainer.apply_overrides(get_config("omniglot_small"), argv[5::2])  # unknown keys raise
+        config = cli.apply_overrides(get_config("omniglot_small"), argv[5::2])  # unknown keys raise
         assert config.optim.num_steps == 7 and config.seed == 1 and config.train.final_nmi is False
         assert tuple(config.eval.tta_shifts) == ((0, 0),) and tuple(config.eval.tta_zooms) == (1.0,)
         student = variant.startswith("student")
         assert tuple(config.model.channels) == ((16, 32, 64, 128) if student else (32, 64, 128, 256))
         assert config.distill.teacher == ("runs/x/baseline_ms_seed1" if variant == "student_rkd" else "")
-    ens = trainer.apply_overrides(get_config("omniglot_small"),
+    ens = cli.apply_overrides(get_config("omniglot_small"),
                                   c.omniglot_method_argv("ensemble_ms_contrastive", 0, 7, "r")[5::2])
     assert ens.loss.name == "ensemble" and list(ens.loss.components) == ["multi_similarity", "contrastive"]
 
@@ -45,7 +45,7 @@ def test_section4_merged_reused_and_replaced(tmp_path):
     with open(out + ".json", "w") as f:
         json.dump({"rerank": {"x": 1}}, f)
     with open(out + ".md", "w") as f:
-        f.write("# Issue 8\n\n## 3. Re-ranking\n\nkept\n")
+        f.write("# Tasks\n\n## 3. Re-ranking\n\nkept\n")
     calls = []
     args = ["--part", "omniglot_methods", "--seeds", "0", "1", "--omniglot-steps", "5", "--out", out,
             "--workroot", root, "--variants", "baseline_ms", "ensemble_ms_contrastive", "student_rkd"]
@@ -58,7 +58,7 @@ def test_section4_merged_reused_and_replaced(tmp_path):
     saved = json.load(open(out + ".json"))
     assert saved["rerank"] == {"x": 1} and len(saved["omniglot_methods"]["runs"]) == 6
     md = open(out + ".md").read()
-    assert md.startswith("# Issue 8\n\n## 3. Re-ranking\n\nkept\n\n## 4. ") and "| b | student_rkd |" in md
+    assert md.startswith("# Tasks\n\n## 3. Re-ranking\n\nkept\n\n## 4. ") and "| b | student_rkd |" in md
     assert "0_multi_similarity 0.7000" in md and "+0.0200 (student)" not in md  # no student run: no delta
     assert "| c | global_local_hybrid |" in md and "not run" in md
 
@@ -67,7 +67,7 @@ def test_section4_merged_reused_and_replaced(tmp_path):
     os.makedirs(w)
     argv = c.omniglot_method_argv("baseline_ms", 0, 5, root)
     with open(os.path.join(w, "config.json"), "w") as f:
-        f.write(trainer.apply_overrides(get_config("omniglot_small"), argv[5::2]).to_json(indent=1))
+        f.write(cli.apply_overrides(get_config("omniglot_small"), argv[5::2]).to_json(indent=1))
     with open(os.path.join(w, "final.json"), "w") as f:
         json.dump({"recall@1": 0.9, "map_at_r": 0.4, "one_shot_error": 0.05, "total_seconds": 33.0}, f)
     assert c._finished_run(c.omniglot_method_argv("baseline_ms", 0, 6, root)) is None  # other steps

@@ -1,8 +1,8 @@
-"""Issue 7 comparison: the baseline loss with and without each issue-7 method on minimal Omniglot.
+"""Method comparison: the baseline loss with and without each training method on minimal Omniglot.
 
-    python -m experiments.compare_issue7                          # 3 seeds (~5 min per run on 2 busy cores)
-    python -m experiments.compare_issue7 --seeds 1 --stop-at 15:25  # 1 seed, start no run after 15:25 UTC
-    python -m experiments.compare_issue7 --seeds 3 --resume        # add seeds to an earlier result
+    python -m experiments.compare_methods                          # 3 seeds (~5 min per run on 2 busy cores)
+    python -m experiments.compare_methods --seeds 1 --stop-at 15:25  # 1 seed, start no run after 15:25 UTC
+    python -m experiments.compare_methods --seeds 3 --resume        # add seeds to an earlier result
 
 Every run is ``experiments.train.main(["--config", "omniglot_small", "--set", ...])`` with the SAME
 budget (``--steps`` steps, default 300, of the config's batch; warm-up steps/10), the baseline
@@ -10,7 +10,7 @@ loss of the config (multi-similarity, Wang et al. 2019) and plain single-view ev
 test-time augmentation, no mid-run evaluation, no NMI): R@1, MAP@R on the 106 unseen
 minimal_test characters and the 20-way one-shot error of the 20 official runs.
 
-Variants (``VARIANTS``): ``baseline`` (``method.name=none``), one per issue-7 method with its
+Variants (``VARIANTS``): ``baseline`` (``method.name=none``), one per training method with its
 default options (``method.name=daml / hard_sample_generation / iaa / das / divide_conquer /
 alternating_projection / bspml``), the lifted-structured hard-negative batches
 (``sampler.name=lifted_hard_negative``, Oh Song et al. 2016 Sec. 4, with the baseline loss: 16
@@ -24,7 +24,7 @@ runs that finished. ``--seeds N`` is the NUMBER of seeds (seeds 0 .. N-1); ``--r
 runs already in ``--out``.json (same steps) and only trains the missing ones. ``--stop-at HH:MM``
 (UTC): no run is started unless it is expected (mean wall time of the runs so far) to end before
 then. Writes ``<out>.json`` (every run, per-variant mean/std, machine, load average, command line)
-and ``<out>.md``. Run directories go to ``runs/issue7/``.
+and ``<out>.md``. Run directories go to ``runs/compare_methods/``.
 """
 
 from __future__ import annotations
@@ -126,9 +126,9 @@ def format_stat(stat: dict | None, pct: bool = False) -> str:
 def markdown(result: dict) -> str:
     m, summary = result["meta"], result["summary"]
     lines = [
-        "# Issue 7 comparison: issue-7 methods on the minimal Omniglot protocol",
+        "# Method comparison: the training methods on the minimal Omniglot protocol",
         "",
-        f"`python -m experiments.compare_issue7 {' '.join(m['argv'])}` at commit `{m['commit']}`, "
+        f"`python -m experiments.compare_methods {' '.join(m['argv'])}` at commit `{m['commit']}`, "
         f"{m['date']}. Seeds run: {seed_text(result['runs'])} (asked for {m['seeds_requested']}); "
         f"{len(result['runs'])} runs. Mean ± std over seeds (population std; 0 with one seed).",
         f"Machine: {m['machine']}; load average (1/5/15 min) {m['load_start']} at the start, "
@@ -175,7 +175,7 @@ CAVEATS = (
     "300 steps is a short budget (the full protocol trains 3000 steps on 964 characters, R@1 ~0.87 plain); "
     "the methods' default options were not tuned for it, so this ranks the methods at a small, equal budget only.",
     "Few seeds: Omniglot R@1 differences of ~0.01 between seeds of the same config are typical at this "
-    "budget (see issue8_comparison.md), so gaps of that size are noise.",
+    "budget (see tasks_comparison.md), so gaps of that size are noise.",
     "lifted_hard_negative samples class-balanced batches until its first pool refresh (one epoch, "
     "34 steps here), then 16 random positive pairs + their 6 hardest pool negatives each, with the "
     "baseline loss (not the lifted structured loss).",
@@ -185,9 +185,9 @@ CAVEATS = (
 
 
 def _default_runner(argv: list[str]) -> dict:
-    from experiments import train as trainer
+    from dmljax.train.cli import main as train_main
 
-    return trainer.main(argv)
+    return train_main(argv)
 
 
 def main(argv=None, runner: Callable[[list[str]], dict] | None = None) -> dict:
@@ -196,8 +196,8 @@ def main(argv=None, runner: Callable[[list[str]], dict] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--variants", nargs="+", default=[v for v, _, _ in VARIANTS],
                         choices=[v for v, _, _ in VARIANTS])
-    parser.add_argument("--workroot", default="runs/issue7")
-    parser.add_argument("--out", default=os.path.join(RESULTS, "issue7_comparison"),
+    parser.add_argument("--workroot", default="runs/compare_methods")
+    parser.add_argument("--out", default=os.path.join(RESULTS, "methods_comparison"),
                         help="output path without extension (.json and .md are written)")
     parser.add_argument("--resume", action="store_true", help="keep the runs already in <out>.json")
     parser.add_argument("--stop-at", default=None, help="HH:MM UTC: start no run expected to end later")
@@ -267,7 +267,7 @@ def main(argv=None, runner: Callable[[list[str]], dict] | None = None) -> dict:
             except Exception as e:  # a broken method must not end the comparison: record it, go on
                 failures.append({"variant": variant, "seed": seed, "error": f"{type(e).__name__}: {e}",
                                  "wall_seconds": time.perf_counter() - t_run})
-                print(f"[issue7] {variant} seed {seed} FAILED: {failures[-1]['error']}", flush=True)
+                print(f"[methods] {variant} seed {seed} FAILED: {failures[-1]['error']}", flush=True)
                 write()
                 continue
             record = {"variant": variant, "seed": seed, "steps": args.steps,
@@ -275,7 +275,7 @@ def main(argv=None, runner: Callable[[list[str]], dict] | None = None) -> dict:
             for k in METRICS + ("train_seconds",):
                 record[k] = float(final[k]) if k in final else None
             runs.append(record)
-            print(f"[issue7] {variant} seed {seed}: R@1 {record['recall@1']:.4f} MAP@R {record['map_at_r']:.4f} "
+            print(f"[methods] {variant} seed {seed}: R@1 {record['recall@1']:.4f} MAP@R {record['map_at_r']:.4f} "
                   f"({record['wall_seconds']:.0f} s, load {record['load']})", flush=True)
             write()
         if stopped:

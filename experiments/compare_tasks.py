@@ -1,8 +1,8 @@
-"""Issue 8 comparison: multi-label sampling, modality-aware mining, similarity-network re-ranking.
+"""Task comparison: multi-label sampling, modality-aware mining, similarity-network re-ranking.
 
-    python -m experiments.compare_issue8                       # 3 seeds each (~10 min on 2 busy cores)
-    python -m experiments.compare_issue8 --seeds 0 --omniglot-steps 100   # smoke run
-    python -m experiments.compare_issue8 --part omniglot_methods --seeds 0 --stop-at 15:25
+    python -m experiments.compare_tasks                       # 3 seeds each (~10 min on 2 busy cores)
+    python -m experiments.compare_tasks --seeds 0 --omniglot-steps 100   # smoke run
+    python -m experiments.compare_tasks --part omniglot_methods --seeds 0 --stop-at 15:25
                                           # section 4 only (~5 min per run on 2 busy cores)
 
 ``--part original`` (the default) runs the three comparisons below, each over ``--seeds``;
@@ -18,10 +18,10 @@
    (``experiments.train.main(["--config", "omniglot_small", "--set", "optim.num_steps=..."])``,
    plain single-view evaluation, no mid-run evaluation), its last checkpoint restored, the
    background_small1 (train, no rotation classes) and minimal_test embeddings computed with
-   `dmljax.train.step.embed`, then `experiments.rerank.rerank_report` (top-10 re-ranked).
+   `dmljax.train.step.embed`, then `dmljax.train.rerank.rerank_report` (top-10 re-ranked).
 
-4. (``--part omniglot_methods``) the issue-8 methods that are trainer flags, on minimal Omniglot
-   with the budget and protocol of `experiments.compare_issue7` (``--omniglot-steps`` steps,
+4. (``--part omniglot_methods``) the methods that are trainer flags, on minimal Omniglot
+   with the budget and protocol of `experiments.compare_methods` (``--omniglot-steps`` steps,
    plain single-view evaluation once at the end, no NMI): R@1, MAP@R, 20-way one-shot error,
    wall time (``OMNIGLOT_VARIANTS``):
    (a) ``loss.name=ensemble loss.components=['multi_similarity','contrastive']`` (learned loss
@@ -35,11 +35,11 @@
    Runs go seed-major in the order of ``OMNIGLOT_VARIANTS`` (the teacher first); ``--stop-at HH:MM``
    (UTC) starts no run expected to end later; ``--reuse-runs`` takes a run's ``final.json`` instead
    of retraining when its workdir holds a finished run of exactly the same config. Run directories
-   go to ``runs/issue8_methods/``; the result is stored under the ``omniglot_methods`` key of the
+   go to ``runs/compare_tasks_methods/``; the result is stored under the ``omniglot_methods`` key of the
    json and as section 4 of the md (the other sections are kept as they are).
 
-Writes ``experiments/results/issue8_comparison.json`` (every run, means/stds, timings, machine
-load) and ``issue8_comparison.md`` (the tables). Run directories go to ``runs/issue8/``.
+Writes ``experiments/results/tasks_comparison.json`` (every run, means/stds, timings, machine
+load) and ``tasks_comparison.md`` (the tables). Run directories go to ``runs/compare_tasks/``.
 """
 
 from __future__ import annotations
@@ -57,9 +57,10 @@ import jax
 import numpy as np
 
 from experiments.bench.common import load_average
-from experiments.compare_issue7 import format_stat
-from experiments.configs import get_config
-from experiments.rerank import rerank_report
+from experiments.compare_methods import format_stat
+from dmljax.configs import get_config
+from dmljax.train.cli import apply_overrides, main as train_main
+from dmljax.train.rerank import rerank_report
 from experiments.synthetic import run as run_synthetic
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -98,26 +99,14 @@ def _omniglot_sets(seed: int, steps: int) -> list[str]:
             "train.progress=False", "eval.tta_shifts=((0, 0),)", "eval.tta_zooms=(1.0,)"]
 
 
-def _template_state(trainer, config, images, labels, num_classes):
-    """A fresh train state built exactly as ``experiments.train.main`` builds it (so the
-    checkpoint's leaves match): ``build_train_state`` where the trainer has it, else the parts."""
-    if hasattr(trainer, "build_train_state"):
-        sampler = trainer.build_sampler(config, labels)
-        state, _ = trainer.build_train_state(config, num_classes=num_classes, num_train=len(labels),
-                                             steps_per_epoch=sampler.steps_per_epoch)
-        return state
-    from dmljax.train.optim import make_optimizer
-    from dmljax.train.state import create_train_state
-
-    k_loss, _ = jax.random.split(jax.random.key(config.seed))
-    model = trainer.build_model(config, config.seed)
-    loss_fn, loss_params = trainer.build_loss(config, num_classes, k_loss)
-    o = config.optim
-    tx = make_optimizer(learning_rate=o.learning_rate, total_steps=o.num_steps,
-                        warmup_steps=min(o.warmup_steps, o.num_steps), backbone_lr_mult=o.backbone_lr_mult,
-                        head_lr_mult=o.head_lr_mult, loss_lr_mult=o.loss_lr_mult, weight_decay=o.weight_decay,
-                        optimizer=o.optimizer)
-    return create_train_state(model, tx, loss_fn, loss_params, freeze_batch_norm=o.freeze_batch_norm)
+def _template_state(config, labels, num_classes):
+    """A fresh train state built exactly as `dmljax.train.train_and_evaluate` builds it (so the
+    checkpoint's trees match)."""
+    from dmljax.train.builders import build_sampler, build_train_state
+    sampler = build_sampler(config, labels)
+    state, _ = build_train_state(config, num_classes=num_classes, num_train=len(labels),
+                                 steps_per_epoch=sampler.steps_per_epoch)
+    return state
 
 
 def omniglot_embeddings(workdir: str, sets: list[str]):
@@ -126,11 +115,11 @@ def omniglot_embeddings(workdir: str, sets: list[str]):
     from dmljax.data.omniglot import load_omniglot
     from dmljax.train.checkpoint import Checkpointer
     from dmljax.train.step import embed
-    from experiments import train as trainer
+    from dmljax.data.sources import load_data_source
 
-    config = trainer.apply_overrides(get_config("omniglot_small"), sets)
-    images, labels, num_classes, test, _ = trainer.load_data(config)
-    template = _template_state(trainer, config, images, np.asarray(labels, np.int32), num_classes)
+    config = apply_overrides(get_config("omniglot_small"), sets)
+    test = load_data_source(config)
+    template = _template_state(config, np.asarray(test.train_labels, np.int32), test.num_classes)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), best_metric=None)
     state = checkpointer.restore_latest(template)
     checkpointer.close()
@@ -142,8 +131,6 @@ def omniglot_embeddings(workdir: str, sets: list[str]):
 
 
 def rerank_comparison(seeds, steps: int, workroot: str, rerank_options: dict) -> dict:
-    from experiments import train as trainer
-
     runs = []
     for seed in seeds:
         workdir = os.path.join(workroot, f"omniglot_small_seed{seed}")
@@ -152,7 +139,7 @@ def rerank_comparison(seeds, steps: int, workroot: str, rerank_options: dict) ->
         for s in sets:
             argv += ["--set", s]
         t0 = time.perf_counter()
-        final = trainer.main(argv)
+        final = train_main(argv)
         t_train = time.perf_counter() - t0
         xtr, ytr, xte, yte = omniglot_embeddings(workdir, sets)
         report = rerank_report(train_embeddings=xtr, train_labels=ytr, test_embeddings=xte, test_labels=yte,
@@ -171,9 +158,9 @@ def _fmt(stat: dict) -> str:
 def markdown(result: dict) -> str:
     m = result["meta"]
     lines = [
-        "# Issue 8 comparison: multi-label sampling, modality-aware mining, similarity re-ranking",
+        "# Task comparison: multi-label sampling, modality-aware mining, similarity re-ranking",
         "",
-        f"`python -m experiments.compare_issue8 {' '.join(m['argv'])}` at commit `{m['commit']}`, "
+        f"`python -m experiments.compare_tasks {' '.join(m['argv'])}` at commit `{m['commit']}`, "
         f"{m['date']}; seeds {m['seeds']} (mean ± std over seeds; std is the population std).",
         f"Machine: {m['machine']}; load average (1/5/15 min) {m['load_start']} at the start, {m['load_end']} "
         f"at the end (a shared machine: other engineers' jobs ran concurrently, so the timings are inflated). "
@@ -280,8 +267,6 @@ def omniglot_method_argv(variant: str, seed: int, steps: int, workroot: str) -> 
 def _finished_run(argv: list[str]) -> dict | None:
     """``final.json`` of the argv's workdir if that workdir holds a finished run of exactly the
     config the argv asks for (its ``config.json``), else None."""
-    from experiments import train as trainer
-
     workdir = argv[argv.index("--workdir") + 1]
     sets = argv[argv.index("--workdir") + 3::2]
     try:
@@ -291,18 +276,17 @@ def _finished_run(argv: list[str]) -> dict | None:
             final = json.load(f)
     except (OSError, ValueError):
         return None
-    wanted = json.loads(trainer.apply_overrides(get_config("omniglot_small"), sets).to_json())
+    wanted = json.loads(apply_overrides(get_config("omniglot_small"), sets).to_json())
     return final if done == wanted else None
 
 
 def _param_count(argv: list[str]) -> int:
-    """Trainable parameters of the run's embedding model (`experiments.train.build_model`)."""
+    """Trainable parameters of the run's embedding model (`dmljax.train.models.build_model`)."""
     from flax import nnx
 
-    from experiments import train as trainer
-
-    config = trainer.apply_overrides(get_config("omniglot_small"), argv[argv.index("--workdir") + 3::2])
-    model = nnx.eval_shape(lambda: trainer.build_model(config, 0))  # shapes only, nothing computed
+    config = apply_overrides(get_config("omniglot_small"), argv[argv.index("--workdir") + 3::2])
+    from dmljax.train.models import build_model
+    model = nnx.eval_shape(lambda: build_model(config, 0))  # shapes only, nothing computed
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
 
 
@@ -330,9 +314,9 @@ def markdown_methods(section: dict) -> str:
            "global_local_hybrid": "baseline_ms", "student": "baseline_ms",
            "global_local_ms": "baseline_ms", "convnet_hybrid": "baseline_ms"}
     lines = [
-        "## 4. Issue-8 trainer-flag methods on Omniglot (`omniglot_small`, `--part omniglot_methods`)",
+        "## 4. Trainer-flag methods on Omniglot (`omniglot_small`, `--part omniglot_methods`)",
         "",
-        f"`python -m experiments.compare_issue8 {' '.join(m['argv'])}` at commit `{m['commit']}`, {m['date']}. "
+        f"`python -m experiments.compare_tasks {' '.join(m['argv'])}` at commit `{m['commit']}`, {m['date']}. "
         f"Seeds run: {len(seeds_run)} ({seeds_run}; asked for {m['seeds_requested']}); {len(section['runs'])} runs; "
         "mean ± std over seeds (population std, 0 with one seed).",
         f"Machine: {m['machine']}; load average (1/5/15 min) {m['load_start']} at the start, {m['load_end']} at "
@@ -450,7 +434,7 @@ def methods_comparison(args, argv, runner: Callable[[list[str]], dict], commit: 
                 record[k] = float(final[k]) if k in final else None
             record.update({k: float(v) for k, v in final.items() if k.startswith("loss_weight/")})
             runs.append(record)
-            print(f"[issue8 omniglot] {variant} seed {seed}: R@1 {record['recall@1']:.4f} MAP@R "
+            print(f"[tasks omniglot] {variant} seed {seed}: R@1 {record['recall@1']:.4f} MAP@R "
                   f"{record['map_at_r']:.4f} ({record['wall_seconds']:.0f} s, load {record['load']}"
                   f"{', reused' if reused else ''})", flush=True)
             write()
@@ -462,9 +446,7 @@ def methods_comparison(args, argv, runner: Callable[[list[str]], dict], commit: 
 
 
 def _default_runner(argv: list[str]) -> dict:
-    from experiments import train as trainer
-
-    return trainer.main(argv)
+    return train_main(argv)
 
 
 def main(argv=None, runner: Callable[[list[str]], dict] | None = None) -> dict:
@@ -473,8 +455,8 @@ def main(argv=None, runner: Callable[[list[str]], dict] | None = None) -> dict:
     parser.add_argument("--omniglot-steps", type=int, default=300)
     parser.add_argument("--rerank-steps", type=int, default=1000)
     parser.add_argument("--workroot", default=None,
-                        help="run directories (default runs/issue8; runs/issue8_methods for --part omniglot_methods)")
-    parser.add_argument("--out", default=os.path.join(RESULTS, "issue8_comparison"),
+                        help="run directories (default runs/compare_tasks; runs/compare_tasks_methods for --part omniglot_methods)")
+    parser.add_argument("--out", default=os.path.join(RESULTS, "tasks_comparison"),
                         help="output path without extension (.json and .md are written)")
     parser.add_argument("--part", choices=("original", "omniglot_methods"), default="original",
                         help="original: sections 1-3; omniglot_methods: section 4 only (merged into --out)")
@@ -485,7 +467,7 @@ def main(argv=None, runner: Callable[[list[str]], dict] | None = None) -> dict:
                         help="section 4: reuse a workdir's finished run of exactly the same config")
     args = parser.parse_args(argv)
     if args.workroot is None:
-        args.workroot = "runs/issue8_methods" if args.part == "omniglot_methods" else "runs/issue8"
+        args.workroot = "runs/compare_tasks_methods" if args.part == "omniglot_methods" else "runs/compare_tasks"
     t0 = time.perf_counter()
     load_start = load_average()
     try:

@@ -4,7 +4,7 @@ Protocol (Song et al., CVPR 2016): train on ``Ebay_train.txt`` (59551 images, 11
 test on ``Ebay_test.txt`` (60502 images, 11316 products), every test image querying all others;
 Recall@1/10/100/1000 and MAP@R. Set ``data.root`` to the directory holding the two list files
 (``--set data.root=/data/Stanford_Online_Products``). Images are decoded per batch from disk
-(`experiments.data_sources.LazyImages`), never held in memory; evaluation embeds 60k images and
+(`dmljax.data.sources.LazyImages`), never held in memory; evaluation embeds 60k images and
 runs the blocked exact kNN of `dmljax.metrics.knn` (no 60k x 60k matrix).
 
 Settings: the official Proxy-Anchor SOP command (Kim et al., CVPR 2020;
@@ -17,10 +17,10 @@ Unlike CUB, BatchNorm is NOT frozen on SOP (``--bn-freeze 0``).
 Differences from the official code: class-balanced 90 x 2 batches (SOP products have 2-12
 images, median 5; Proxy-Anchor samples uniformly), warm-up + cosine schedule instead of 1 head-only
 epoch + StepLR(20 epochs, x0.25), no gradient clipping, average pooling only. See
-experiments/configs/cub200_resnet50.py for the pretrained-weight and image-size notes.
+dmljax/configs/cub200_resnet50.py for the pretrained-weight and image-size notes.
 """
 
-from experiments.configs import cub200_resnet50
+from dmljax.configs import cub200_resnet50
 
 EPOCH_STEPS = 59551 // 180  # 330 batches per epoch
 

@@ -1,4 +1,4 @@
-"""Re-rank metric kNN results with a learned non-metric similarity network (issue 8).
+"""Re-rank metric kNN results with a learned non-metric similarity network.
 
 Garcia & Vogiatzis, "Learning Non-Metric Visual Similarity for Image Retrieval" (ECCV 2018 /
 IVC 2019, arXiv 1709.01353; seed 002): an MLP on the concatenated pair of frozen features,

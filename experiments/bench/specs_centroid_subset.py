@@ -1,4 +1,4 @@
-"""Benchmark cases: the last PML pieces of issue 10, the centroid triplet loss and the maximum-loss
+"""Benchmark cases: the centroid triplet loss and the maximum-loss
 subset miner, vs PyTorch Metric Learning.
 
 Both PML twins were removed in pytorch-metric-learning 2.0 (``CentroidTripletLoss`` in v2.0.0,
