@@ -21,6 +21,11 @@ from dmljax.train.state import TrainState
 __all__ = ["Checkpointer"]
 
 
+def _is_global(x) -> bool:
+    """A jax.Array spanning devices of other processes (multi-process run)."""
+    return isinstance(x, jax.Array) and not x.is_fully_addressable
+
+
 class Checkpointer:
     """Save / restore `TrainState`s with ``orbax.checkpoint.CheckpointManager``.
 
@@ -54,7 +59,9 @@ class Checkpointer:
 
     @staticmethod
     def _leaves(state: TrainState) -> list:
-        return [np.asarray(x) for x in jax.tree.leaves(state.dynamic())]
+        # global arrays of a multi-process run are saved as jax.Arrays through orbax's
+        # multi-process path (every process calls save); host copies otherwise
+        return [x if _is_global(x) else np.asarray(x) for x in jax.tree.leaves(state.dynamic())]
 
     def save(self, state: TrainState, *, force: bool = True) -> None:
         step = int(state.step)
@@ -80,9 +87,12 @@ class Checkpointer:
     def _restore(self, manager, step: int, template: TrainState) -> TrainState:
         dyn = template.dynamic()
         leaves, treedef = jax.tree.flatten(dyn)
-        target = [np.asarray(x) for x in leaves]
+        # a global template leaf restores with its sharding (any process count may have saved it)
+        target = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) if _is_global(x) else np.asarray(x)
+                  for x in leaves]
         restored = manager.restore(step, args=ocp.args.StandardRestore(target))
-        new_leaves = [jax.numpy.asarray(r, dtype=np.asarray(t).dtype) for r, t in zip(restored, leaves)]
+        new_leaves = [r if _is_global(t) else jax.numpy.asarray(r, dtype=np.asarray(t).dtype)
+                      for r, t in zip(restored, leaves)]
         return template.replace_dynamic(jax.tree.unflatten(treedef, new_leaves))
 
     def restore_latest(self, template: TrainState) -> TrainState | None:

@@ -47,6 +47,12 @@ __all__ = [
     "process_batch_share",
     "global_batch",
     "is_writer",
+    "is_multiprocess",
+    "local_copy",
+    "replicate",
+    "process_rows",
+    "sharded_embed_fn",
+    "barrier",
 ]
 
 COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
@@ -221,3 +227,89 @@ def global_batch(mesh: Mesh, local_batch: Mapping[str, Any], *, axis_name: str =
 def is_writer() -> bool:
     """True in the one process that prints and writes logs (process 0)."""
     return jax.process_index() == 0
+
+
+def is_multiprocess() -> bool:
+    """True when more than one process takes part (``jax.process_count() > 1``)."""
+    return jax.process_count() > 1
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Every array leaf of ``tree`` as a global ``jax.Array`` replicated over all devices of ``mesh``.
+
+    Every process must hold the same values (e.g. a state built from the same seed); each one
+    only places its copy on its own devices (``jax.make_array_from_callback``), nothing is sent.
+    Typed PRNG keys are replicated through their key data."""
+    sharding = NamedSharding(mesh, P())
+
+    def one(x):
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = one(jax.random.key_data(x))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        if not isinstance(x, (jax.Array, np.ndarray, np.generic)):
+            return x
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return x
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(one, tree)
+
+
+def local_copy(tree: Any) -> Any:
+    """Replicated global arrays -> this process's copy on its first local device (unchanged
+    leaves otherwise), so host-side code (evaluation, embedding the training set) can run
+    single-device programs on a state the multi-process step produced."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            if not x.is_fully_replicated:
+                raise ValueError(f"local_copy needs replicated arrays, got sharding {x.sharding}")
+            return x.addressable_data(0)
+        return x
+
+    return jax.tree.map(one, tree)
+
+
+def process_rows(num_rows: int, *, process_index: int | None = None,
+                 process_count: int | None = None) -> tuple[int, int]:
+    """``(start, stop)``: this process's contiguous share of ``num_rows`` rows (the first
+    processes take ``ceil(num_rows / process_count)`` rows, the last ones what is left)."""
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    per = -(-num_rows // count)
+    start = min(index * per, num_rows)
+    return start, min(start + per, num_rows)
+
+
+def sharded_embed_fn(embed_fn):
+    """``embed_fn(state, images, batch_size) -> [N, D]`` run by every process on its share of
+    ``images`` only (`process_rows`), the rows all-gathered (``process_allgather``), so every
+    process returns the embeddings of all ``N`` images, in order. ``state`` is used through
+    `local_copy`. Single-process: ``embed_fn`` itself. Every process must call it together."""
+    if not is_multiprocess():
+        return embed_fn
+    from jax.experimental.multihost_utils import process_allgather
+
+    def sharded(state, images, batch_size):
+        n, count = len(images), jax.process_count()
+        start, stop = process_rows(n)
+        per = -(-n // count)
+        # an empty share still embeds one row (same program, same output width), then drops it
+        if n == 0:
+            return np.asarray(embed_fn(local_copy(state), images, batch_size))
+        rows = images[start:stop] if stop > start else images[:1]
+        local = np.asarray(embed_fn(local_copy(state), rows, batch_size))[:stop - start]
+        padded = np.zeros((per,) + local.shape[1:], local.dtype)
+        padded[:len(local)] = local
+        gathered = np.asarray(process_allgather(padded))  # [process_count, per, ...]
+        sizes = [np.subtract(*process_rows(n, process_index=p)[::-1]) for p in range(count)]
+        return np.concatenate([gathered[p, :size] for p, size in enumerate(sizes)])
+
+    return sharded
+
+
+def barrier(name: str) -> None:
+    """All processes wait here (no-op with one process)."""
+    if is_multiprocess():
+        from jax.experimental.multihost_utils import sync_global_devices
+        sync_global_devices(name)
