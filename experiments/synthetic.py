@@ -205,10 +205,9 @@ def map_at_all(neighbor_indices, query_labels, gallery_labels) -> float:
 
 # ----------------------------------------------------------------------------- training
 def _sub(config, name):
-    section = config.get(name) if hasattr(config, "get") else getattr(config, name, None)
-    if section is None:
+    if name not in config:
         raise ValueError(f"config.{name} is missing")
-    return section
+    return config[name]
 
 
 def _optimizer(o) -> optax.GradientTransformation:
@@ -262,7 +261,7 @@ def _run_multilabel(config) -> dict[str, float]:
     model = MLPEncoder(data["x_train"].shape[1], int(m.embedding_dim), hidden=tuple(m.hidden),
                        rngs=nnx.Rngs(params=jax.random.key(config.seed)))
     graphdef, params = nnx.split(model)
-    num_anchors = int(loss_cfg.num_anchors) if loss_cfg.get("num_anchors") else None
+    num_anchors = int(loss_cfg.num_anchors) or None
 
     def loss_of_model(net, batch):
         emb = l2_normalize(net(batch["x"]))
@@ -359,8 +358,7 @@ def run(config, workdir: str | os.PathLike | None = None) -> dict[str, float]:
     ``workdir`` (optional): receives ``config.json`` and ``final.json`` (the returned metrics).
     """
     t0 = time.perf_counter()
-    task = _choice(config.get("task") if hasattr(config, "get") else getattr(config, "task", None),
-                   name="config.task", choices=TASKS)
+    task = _choice(config.task, name="config.task", choices=TASKS)
     if isinstance(config.seed, bool) or not isinstance(config.seed, (int, np.integer)) or config.seed < 0:
         raise ValueError(f"config.seed must be an int >= 0, got {config.seed!r}")
     out = _run_multilabel(config) if task == "multilabel" else _run_cross_modal(config)

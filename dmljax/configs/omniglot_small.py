@@ -2,7 +2,7 @@
 test on the small2 alphabets not in small1 (106 characters). See the data README.
 
 Keeps the input pipeline of the method comparisons (experiments/results/methods_comparison.md,
-synthetic_tasks_comparison.md): 28 px, no elastic distortion, random classes per batch, BN running
+tasks_comparison.md): 28 px, no elastic distortion, random classes per batch, BN running
 averages, 9 test-time views at every evaluation."""
 
 from dmljax.configs import omniglot

@@ -128,7 +128,8 @@ def hierarchical_sampler_options(config) -> dict | None:
         raise ValueError(f"sampler.options: {unknown} are not options of hierarchical "
                          "(options: ['classes_per_super_class'])")
     _check_not_alternating_projection(config, sampler="hierarchical")
-    per_super = check_positive_int(opts.get("classes_per_super_class", 4), name="sampler.options.classes_per_super_class")
+    opts = {**HIERARCHICAL_DEFAULTS, **opts}
+    per_super = check_positive_int(opts["classes_per_super_class"], name="sampler.options.classes_per_super_class")
     classes = int(config.sampler.classes_per_batch)
     if classes % per_super:
         raise ValueError(f"sampler.options.classes_per_super_class ({per_super}) must divide "
@@ -143,6 +144,9 @@ def _check_not_alternating_projection(config, *, sampler: str) -> None:
 
 
 SAMPLERS = ("m_per_class", "lifted_hard_negative", "hierarchical")
+# the defaults of sampler.options (free-form per sampler); None = derived (lifted_sampler_options)
+HIERARCHICAL_DEFAULTS = {"classes_per_super_class": 4}
+LIFTED_DEFAULTS = {"num_pairs": None, "negatives_per_pair": None, "pool_size": 4096, "refresh_every": None}
 _LIFTED_OPTIONS = ("num_pairs", "negatives_per_pair", "pool_size", "refresh_every")
 
 
@@ -169,8 +173,10 @@ def lifted_sampler_options(config, *, num_train: int, steps_per_epoch: int) -> d
                          f"(options: {list(_LIFTED_OPTIONS)})")
     _check_not_alternating_projection(config, sampler="lifted_hard_negative")
 
-    def positive(name, default=None):
-        v = opts.get(name, default)
+    opts = {**LIFTED_DEFAULTS, **opts}
+
+    def positive(name):
+        v = opts[name]
         return None if v is None else check_positive_int(v, name=f"sampler.options.{name}")
 
     batch = int(config.sampler.classes_per_batch) * int(config.sampler.samples_per_class)
@@ -193,10 +199,10 @@ def lifted_sampler_options(config, *, num_train: int, steps_per_epoch: int) -> d
     if pairs * (2 + negs) != batch:
         raise ValueError(f"sampler.options.num_pairs * (2 + negatives_per_pair) = {pairs * (2 + negs)} must equal "
                          f"the batch size classes_per_batch * samples_per_class = {batch}")
-    pool = min(positive("pool_size", 4096), int(num_train))
+    pool = min(positive("pool_size"), int(num_train))
     if negs > pool:
         raise ValueError(f"sampler.options.negatives_per_pair must be <= the pool size {pool}, got {negs}")
-    refresh = positive("refresh_every", max(int(steps_per_epoch), 1))
+    refresh = positive("refresh_every") or max(int(steps_per_epoch), 1)
     return {"num_pairs": pairs, "negatives_per_pair": negs, "pool_size": pool, "refresh_every": refresh}
 
 

@@ -177,12 +177,12 @@ def fit(
             evaluation = eval_fn(state)
             record.update({f"eval/{k}": v for k, v in evaluation.items()})
             if checkpointer is not None:
-                checkpointer.save_best(state, evaluation)
+                checkpointer.save_best(state, evaluation, key=key)
         if checkpointer is not None:
             if step == num_steps:
-                checkpointer.save(state)
+                checkpointer.save(state, key=key)
             else:
-                checkpointer.maybe_save(state, step=step)
+                checkpointer.maybe_save(state, step=step, key=key)
         if len(record) > 1:
             records.append(record)
         if bar is not None:

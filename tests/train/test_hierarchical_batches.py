@@ -12,7 +12,7 @@ from dmljax.data import sources
 from dmljax.train import builders
 from dmljax.train import cli
 from dmljax.configs import get_config
-from tests.test_train_methods import TOY, _check_finite_run, _main
+from tests.train.test_trainer import TOY, _check_finite_run, _main
 
 OMNIGLOT_SMALL = ["data.train_split=background_small1", "data.test_split=minimal_test", "data.image_size=28",
                   "data.rotation_classes=2"]

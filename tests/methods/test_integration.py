@@ -80,7 +80,7 @@ def _objective(method):
     raise AssertionError(method)
 
 
-# stateful methods only: the plugin tests (test_methods_plugin.py) cover jit/finiteness of every method
+# stateful methods only: the plugin tests (tests/methods/test_plugin.py) cover jit/finiteness of every method
 @pytest.mark.parametrize("method", ["das", "iaa", "bspml", "alternating_projection"])
 def test_method_trains_a_toy_embedding(method):
     x, y, means = _data(0)

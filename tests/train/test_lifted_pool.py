@@ -16,7 +16,7 @@ import pytest
 from dmljax.train.lifted_pool import POOL_KEY, LiftedHardNegativeSampler
 from dmljax.train import builders
 from dmljax.train import objective
-from tests.test_train_methods import _check_finite_run, _config, _main, _toy_state
+from tests.train.test_trainer import _check_finite_run, _config, _main, _toy_state
 from tests.utils import Interrupted, fit_with_interrupt, max_tree_diff as _max_diff
 
 LIFTED = ("sampler.name=lifted_hard_negative",)
