@@ -100,6 +100,10 @@ class Checkpointer:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
         restored.pop("key", None)
+        if jax.process_count() == 1:
+            # uncommitted copies: a checkpoint saved with another sharding (e.g. replicated over the
+            # devices of a multi-process run) must not pin the state to the device orbax chose
+            restored = jax.tree.map(lambda x: jax.numpy.asarray(np.asarray(x)), restored)
         return template.replace_dynamic({**template.dynamic(), **restored})
 
     def restore_trees(self, step: int | None = None) -> dict | None:

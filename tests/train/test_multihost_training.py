@@ -176,10 +176,16 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(reference_runs, tmp_
     procs[0].wait()
     saved = sorted(int(d) for d in os.listdir(workdir / "checkpoints" / "latest") if d.isdigit())
     assert saved and max(saved) < NUM_STEPS, saved  # killed mid-run
+    import shutil
+    shutil.copytree(workdir, tmp_path / "one_process")
     resumed = launch(tmp_path, workdir, processes=2, devices=2, extra=["--resume"], tag="resumed")
     finish(resumed, tmp_path, "resumed")
     assert_trees_close(final_params(workdir)["params"], final_params(reference_runs / "two")["params"], atol=1e-6)
     assert int(final_params(workdir)["step"]) == NUM_STEPS
+    # the same checkpoint resumed by one process with 4 devices (any process count resumes)
+    single = launch(tmp_path, tmp_path / "one_process", processes=1, devices=4, extra=["--resume"], tag="single")
+    finish(single, tmp_path, "single")
+    assert_trees_close(final_params(tmp_path / "one_process")["params"], final_params(reference_runs / "two")["params"])
 
 
 # ----------------------------------------------------------------------------- bad launches (CLI)
