@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from dmljax.train.state import TrainState
@@ -63,6 +64,10 @@ class Checkpointer:
         out = {k: v for k, v in state.dynamic().items() if v is not None}
         if key is not None:
             out["key"] = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+            if jax.process_count() > 1:
+                # the state's leaves are replicated global arrays (every process saves them
+                # together); the run key is the same host value everywhere
+                out["key"] = np.asarray(out["key"])
         return out
 
     def save(self, state: TrainState, *, key: jax.Array | None = None, force: bool = True) -> None:
@@ -90,10 +95,15 @@ class Checkpointer:
         target = self.trees(template)
         saved = manager.item_metadata(step)
         if "key" in saved:
-            target["key"] = jax.ShapeDtypeStruct(saved["key"].shape, saved["key"].dtype)
+            target["key"] = (np.zeros(saved["key"].shape, saved["key"].dtype) if jax.process_count() > 1 else
+                             jax.ShapeDtypeStruct(saved["key"].shape, saved["key"].dtype))
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
         restored.pop("key", None)
+        if jax.process_count() == 1:
+            # uncommitted copies: a checkpoint saved with another sharding (e.g. replicated over the
+            # devices of a multi-process run) must not pin the state to the device orbax chose
+            restored = jax.tree.map(lambda x: jax.numpy.asarray(np.asarray(x)), restored)
         return template.replace_dynamic({**template.dynamic(), **restored})
 
     def restore_trees(self, step: int | None = None) -> dict | None:

@@ -10,8 +10,16 @@
 misspelt key is an error naming the closest valid key. Keys below an ``options`` node
 (``loss.options.<kw>``, ``method.options.<kw>``, ``sampler.options.<kw>``) are free-form keyword
 options of the configured loss / method / sampler. ``--workdir`` (default ``config.workdir``),
-``--resume``, ``--distributed`` (calls ``jax.distributed.initialize()`` first: one process per
-host with ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``).
+``--resume``.
+
+Several processes (one per host, or several on one machine): ``--distributed`` connects them
+before anything touches a device (`dmljax.train.distributed.initialize`): the coordinator
+address, process count and process id come from ``--coordinator host:port``,
+``--num-processes N``, ``--process-id i``, else from ``JAX_COORDINATOR_ADDRESS``,
+``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``, else from JAX's cluster detection (Slurm, TPU pod
+slices, Open MPI). ``--distributed-timeout`` (seconds, default 300) bounds the wait for the
+coordinator and the other processes. A process id outside ``[0, N)``, a process count that does
+not divide the global batch, or a coordinator that never answers is an error, not a hang.
 
 Trainer flags (every key and its default: `dmljax.configs.base`):
 
@@ -47,7 +55,6 @@ import argparse
 import ast
 import difflib
 
-import jax
 
 from dmljax.configs import get_config
 from dmljax.train.xla_cpu import keep_freed_host_memory, use_fast_cpu_flags
@@ -124,8 +131,26 @@ def build_parser(description: str = "Train an embedding model and report DML met
                         help="override a config entry, e.g. --set optim.num_steps=500")
     parser.add_argument("--workdir", default=None, help="output directory (default: config.workdir)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    parser.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize()")
+    parser.add_argument("--distributed", action="store_true",
+                        help="multi-process run: connect to the other processes first")
+    parser.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                        help="--distributed: process 0's address (else $JAX_COORDINATOR_ADDRESS, else cluster detection)")
+    parser.add_argument("--num-processes", default=None, type=int, metavar="N",
+                        help="--distributed: number of processes (else $JAX_NUM_PROCESSES)")
+    parser.add_argument("--process-id", default=None, type=int, metavar="I",
+                        help="--distributed: this process's index in [0, N) (else $JAX_PROCESS_ID)")
+    parser.add_argument("--distributed-timeout", default=300.0, type=float, metavar="SECONDS",
+                        help="--distributed: seconds to wait for the coordinator and the other processes")
     return parser
+
+
+def _check_launch_flags(args) -> None:
+    given = [flag for flag, value in (("--coordinator", args.coordinator), ("--num-processes", args.num_processes),
+                                      ("--process-id", args.process_id)) if value is not None]
+    if given and not args.distributed:
+        raise ValueError(f"{', '.join(given)} need --distributed")
+    if not args.distributed_timeout > 0:
+        raise ValueError(f"--distributed-timeout must be positive, got {args.distributed_timeout!r}")
 
 
 def parse_config(args):
@@ -140,10 +165,12 @@ def main(argv=None) -> dict[str, float]:
         # per-step XLA:CPU buffers mapped
         keep_freed_host_memory()
     args = build_parser().parse_args(argv)
+    _check_launch_flags(args)
+    config = parse_config(args)  # a bad --set fails before any process waits for the others
     # before anything starts a backend (XLA reads its flags once)
     use_fast_cpu_flags()
     if args.distributed:
-        jax.distributed.initialize()
-    config = parse_config(args)
+        from dmljax.train.distributed import initialize
+        initialize(args.coordinator, args.num_processes, args.process_id, timeout_s=args.distributed_timeout)
     from dmljax.train.trainer import train_and_evaluate
     return train_and_evaluate(config, args.workdir or config.workdir, resume=args.resume)

@@ -106,6 +106,7 @@ def fit(
     log_every: int = 10,
     before_step: Callable[[TrainState], TrainState] | None = None,
     batch_extras: Callable[[TrainState, np.ndarray], dict] | None = None,
+    mesh: Any = None,
 ) -> tuple[TrainState, list[dict]]:
     """Train until ``state.step == num_steps``; returns (final state, list of logged records).
 
@@ -119,7 +120,14 @@ def fit(
       callbacks: called as ``cb(state, record)`` after every step (e.g. to stop a run); a
         callback may add entries to ``record`` (they are logged by the callbacks after it).
       before_step / batch_extras: hooks of the module docstring (e.g. `KMeansReclustering`).
+      mesh: the data-parallel mesh over ``jax.devices()`` when several processes take part:
+        each process then loads (and ``batch_extras`` sees) only its rows of the global batch
+        (``sampler.local_batch_indices``), assembled into global arrays with
+        `dmljax.train.distributed.global_batch`; the step key is replicated over the mesh.
+        Ignored with one process (the host batch is passed whole, as before).
     """
+    from dmljax.train import distributed
+    multiprocess = mesh is not None and distributed.is_multiprocess()
     step_fn = jax.jit(train_step) if step_fn is None else step_fn
     if resume and checkpointer is not None:
         restored = checkpointer.restore_latest(state)
@@ -139,11 +147,19 @@ def fit(
         if before_step is not None:
             state = before_step(state)
             step, sampler_step = int(state.step), int(state.sampler_step)
-        idx = sampler.batch_indices(sampler_step)
+        if multiprocess:
+            idx = sampler.local_batch_indices(sampler_step, process_index=jax.process_index(),
+                                              process_count=jax.process_count())
+        else:
+            idx = sampler.batch_indices(sampler_step)
         batch = {"images": images[idx], "labels": labels[idx].astype(np.int32)}
         if batch_extras is not None:
             batch.update(batch_extras(state, idx))
-        state, metrics = step_fn(state, batch, jax.random.fold_in(key, step))
+        step_key = jax.random.fold_in(key, step)
+        if multiprocess:
+            batch = distributed.global_batch(mesh, batch)
+            step_key = distributed.replicate(step_key, mesh)
+        state, metrics = step_fn(state, batch, step_key)
         step, sampler_step = step + 1, sampler_step + 1
         record = {"step": step}
         if step % log_every == 0 or step == num_steps:

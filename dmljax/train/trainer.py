@@ -10,6 +10,14 @@ Writes ``<workdir>/metrics.jsonl`` (one JSON record per logged step / evaluation
 is used as a teacher), TensorBoard events when tensorboardX is installed, and orbax checkpoints
 under ``<workdir>/checkpoints/{latest,best}`` (without ``resume`` an existing checkpoint
 directory is replaced).
+
+Several processes (``jax.distributed`` initialised first, `dmljax.train.distributed`): the step
+is data-parallel over ``jax.devices()`` of all processes, each process loads and augments only
+its rows of the global batch, embeds only its share of the test set (the embeddings are
+all-gathered, so every process computes the same metrics), only process 0 prints and writes the
+logs / ``final.json`` / ``run_info.json`` / ``config.json``, and every process takes part in the
+orbax checkpoints (the state is saved as replicated global ``jax.Array``s; a checkpoint of any
+process count resumes with any other).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import jax
 import numpy as np
 
 from dmljax.data.sources import add_label_noise, load_data_source
+from dmljax.train import distributed
 from dmljax.train.averaging import WeightAverage
 from dmljax.train.builders import build_lifted_sampler, build_sampler, build_train_state, load_teacher
 from dmljax.train.checkpoint import Checkpointer
@@ -37,7 +46,32 @@ __all__ = ["train_and_evaluate"]
 
 
 def _print(*args):
-    print(*args, flush=True)
+    if distributed.is_writer():
+        print(*args, flush=True)
+
+
+def _check_multiprocess(config, sampler) -> None:
+    """Launch errors of a multi-process run that the config decides (before any compilation)."""
+    distributed.process_batch_share(sampler.batch_size)
+    if config.sampler.name == "lifted_hard_negative":
+        raise ValueError("sampler.name='lifted_hard_negative' runs in one process only (its pool is "
+                         "re-embedded on the host); use m_per_class or hierarchical with several processes")
+    if config.method.name == "divide_conquer":
+        raise ValueError("method.name='divide_conquer' runs in one process only (k-means re-clustering "
+                         "of the training set on the host)")
+
+
+def _on_local_copy(for_eval):
+    """``for_eval`` applied to this process's copy of a replicated state (the last result kept,
+    like ``make_eval_state_fn`` keeps its own)."""
+    last = [None, None]
+
+    def local_for_eval(state):
+        if state is not last[0]:
+            last[:] = [state, for_eval(distributed.local_copy(state))]
+        return last[1]
+
+    return local_for_eval
 
 
 def train_and_evaluate(config, workdir: str, *, resume: bool = False) -> dict[str, float]:
@@ -73,30 +107,43 @@ def train_and_evaluate(config, workdir: str, *, resume: bool = False) -> dict[st
     if config.distill.teacher:
         teacher, teacher_step = load_teacher(config.distill.teacher, num_classes=num_classes, num_train=len(labels))
         _print(f"teacher: {config.distill.teacher} (step {teacher_step}), distill.weight {config.distill.weight}")
+    multiprocess = distributed.is_multiprocess()
+    if multiprocess:
+        _check_multiprocess(config, sampler)
     state, objective = build_train_state(config, num_classes=num_classes, num_train=len(labels),
                                          steps_per_epoch=sampler.steps_per_epoch, teacher=teacher)
-    step_fn = make_parallel_train_step(data_mesh(jax.local_devices())) if config.train.data_parallel else jax.jit(train_step)
+    # the mesh spans the devices of every process (one process: its local devices)
+    mesh = data_mesh() if config.train.data_parallel or multiprocess else None
+    if multiprocess:
+        state = distributed.replicate(state, mesh)
+    step_fn = make_parallel_train_step(mesh) if mesh is not None else jax.jit(train_step)
     weight_average = WeightAverage(float(config.train.ema_decay)) if config.train.ema_decay > 0 else None
     if weight_average is not None:
         step_fn = weight_average.wrap(step_fn)
     for_eval = make_eval_state_fn(config, images, key=jax.random.fold_in(key, 0xB4),
                                   average=weight_average.averaged if weight_average is not None else None)
-    embed_fn = make_embed_fn(config)
-    final_embed_fn = make_embed_fn(config, final=True)
+    if multiprocess:
+        for_eval = _on_local_copy(for_eval)
+    # several processes: each embeds its share of the images, all get every embedding
+    embed_fn = distributed.sharded_embed_fn(make_embed_fn(config))
+    final_embed_fn = distributed.sharded_embed_fn(make_embed_fn(config, final=True))
     eval_batch = int(config.eval.batch_size)
     last_eval: dict = {}
     checkpoint_dir = os.path.join(workdir, "checkpoints")
-    if not resume and os.path.isdir(checkpoint_dir):
+    writer = distributed.is_writer()
+    if writer and not resume and os.path.isdir(checkpoint_dir):
         # a fresh run must not mix its checkpoints with (or skip saving over) an older run's
         shutil.rmtree(checkpoint_dir)
+    distributed.barrier("dmljax_checkpoint_dir")
     checkpointer = Checkpointer(checkpoint_dir, save_every=config.train.checkpoint_every, best_metric="recall@1")
-    log = MetricsLog(workdir, resume)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json(indent=1))
-    with open(os.path.join(workdir, "run_info.json"), "w") as f:
-        json.dump({"num_classes": int(num_classes), "num_train": int(len(labels)),
-                   "method": objective.method, "loss": objective.spec.name,
-                   "label_noise_fraction": noise_fraction}, f, indent=1)
+    log = MetricsLog(workdir, resume) if writer else None
+    if writer:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json(indent=1))
+        with open(os.path.join(workdir, "run_info.json"), "w") as f:
+            json.dump({"num_classes": int(num_classes), "num_train": int(len(labels)),
+                       "method": objective.method, "loss": objective.spec.name,
+                       "label_noise_fraction": noise_fraction}, f, indent=1)
 
     hooks, before = {}, []
     lifted = build_lifted_sampler(
@@ -114,7 +161,8 @@ def train_and_evaluate(config, workdir: str, *, resume: bool = False) -> dict[st
         hooks["batch_extras"] = recluster.batch_extras
     if before:
         hooks["before_step"] = functools.reduce(lambda f, g: (lambda st: g(f(st))), before)
-    callbacks = [LossWeightLog(objective), log] if objective.spec.name == "ensemble" else [log]
+    callbacks = [LossWeightLog(objective)] if objective.spec.name == "ensemble" else []
+    callbacks += [log] if log is not None else []
 
     def eval_fn(s):
         fn = final_embed_fn if int(s.step) >= o.num_steps else embed_fn
@@ -122,8 +170,8 @@ def train_and_evaluate(config, workdir: str, *, resume: bool = False) -> dict[st
 
     state, _ = fit(state, images=images, labels=labels, sampler=sampler, num_steps=o.num_steps, key=k_train,
                    step_fn=step_fn, checkpointer=checkpointer, resume=resume, eval_every=config.train.eval_every,
-                   eval_fn=eval_fn, callbacks=callbacks, progress=config.train.progress,
-                   log_every=config.train.log_every, **hooks)
+                   eval_fn=eval_fn, callbacks=callbacks, progress=config.train.progress and writer,
+                   log_every=config.train.log_every, mesh=mesh, **hooks)
     t_train = time.perf_counter() - t_start
     if last_eval.get("step") == int(state.step):  # fit() evaluated the last step already
         final = dict(last_eval["metrics"])
@@ -140,15 +188,16 @@ def train_and_evaluate(config, workdir: str, *, resume: bool = False) -> dict[st
         # the averaged weights evaluated above, for later analysis (the run's checkpoints hold
         # the raw weights that resume needs)
         averaged = Checkpointer(os.path.join(checkpoint_dir, "averaged"), best_metric=None)
-        averaged.save(for_eval(state))
+        averaged.save(distributed.replicate(for_eval(state), mesh) if multiprocess else for_eval(state))
         averaged.close()
     checkpointer.close()
     final["total_seconds"] = time.perf_counter() - t_start
     final["train_seconds"] = t_train
-    log(state, {"step": int(state.step), **{f"eval/final_{k}": v for k, v in final.items()}})
-    log.close()
-    with open(os.path.join(workdir, "final.json"), "w") as f:
-        json.dump(final, f, indent=1)
+    if writer:
+        log(state, {"step": int(state.step), **{f"eval/final_{k}": v for k, v in final.items()}})
+        log.close()
+        with open(os.path.join(workdir, "final.json"), "w") as f:
+            json.dump(final, f, indent=1)
     if source.one_shot_runs is None:
         _print(f"\n{source.describe()}")
     else:
