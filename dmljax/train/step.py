@@ -130,17 +130,24 @@ def _step(state: TrainState, batch: dict, key: jax.Array, *, axis_name: str | No
         def loss_of(loss_params, emb):
             return state.loss_fn(emb, all_labels, *loss_params), None
 
-    def objective(trainable):
-        model = merge_model(state, trainable["model"], train=True,
+    def forward(model_params):
+        model = merge_model(state, model_params, train=True,
                             batch_norm_axis_name=axis_name if sync_batch_norm else None)
         emb = model(images)
-        new_stats = nnx.state(model, nnx.BatchStat)
-        all_emb = gather(emb)
-        loss, new_loss_state = loss_of(trainable["loss"], all_emb)
-        return loss / num_devices, (loss, all_emb, new_stats, new_loss_state)
+        return gather(emb), nnx.state(model, nnx.BatchStat)
 
-    (_, (loss, all_emb, new_stats, new_loss_state)), grads = jax.value_and_grad(
-        objective, has_aux=True)(state.params)
+    def objective(loss_params, emb):
+        loss, new_loss_state = loss_of(loss_params, emb)
+        return loss / num_devices, (loss, new_loss_state)
+
+    # one forward and one backward pass: vjp of the model (params -> gathered embeddings), the
+    # loss gradient w.r.t. (loss params, embeddings), the embedding cotangent pulled back; the
+    # same embedding gradient feeds the collapse statistics (active_fraction).
+    all_emb, pull_back, new_stats = jax.vjp(forward, state.params["model"], has_aux=True)
+    (_, (loss, new_loss_state)), (loss_grads, emb_cot) = jax.value_and_grad(
+        objective, argnums=(0, 1), has_aux=True)(state.params["loss"], all_emb)
+    (model_grads,) = pull_back(emb_cot)
+    grads = {"model": model_grads, "loss": loss_grads}
     if axis_name is not None and not state.freeze_batch_norm:
         new_stats = jax.tree.map(lambda s: jax.lax.pmean(s, axis_name), new_stats)
     if state.freeze_batch_norm:
@@ -150,7 +157,7 @@ def _step(state: TrainState, batch: dict, key: jax.Array, *, axis_name: str | No
     elif axis_name is not None:
         new_loss_state = _replicated(new_loss_state, axis_name)
 
-    emb_grad = jax.grad(lambda e: loss_of(state.params["loss"], e)[0])(jax.lax.stop_gradient(all_emb))
+    emb_grad = emb_cot * num_devices  # d loss / d embeddings (the objective is loss / num_devices)
     metrics = {"loss": loss, **embedding_metrics(all_emb, all_labels, emb_grad)}
     if axis_name is not None:
         # identical on every device already; pmean makes them replicated-typed for out_specs

@@ -14,8 +14,8 @@ reported as images/s. Default: ResNet-50 at 224 px, batch 256, bf16 compute (flo
 float32 loss), Adam.
 
 The bench has its own minimal step instead of `dmljax.train.step.train_step`: the trainer's step
-also computes collapse metrics (a B x B distance matrix and a second backward pass of the
-loss), which is trainer cost, not loss cost, and would be meaningless for the softmax step.
+also computes collapse metrics (a B x B distance matrix; the embedding gradient comes from the
+step's single backward pass), which is trainer cost, not loss cost, and would be meaningless for the softmax step.
 ``--trainer-step`` adds a row timing the trainer's own step (`train_step` /
 `make_parallel_train_step`) with the same model and loss, for reference.
 
