@@ -106,8 +106,8 @@ def prefix_metrics(source: DataSource, query_embeddings, gallery_embeddings=None
     per_dim = evaluate_prefixes(np.asarray(query_embeddings), e.query_labels,
                                 None if gallery_embeddings is None else np.asarray(gallery_embeddings),
                                 e.gallery_labels, dims=tuple(dims), ks=e.ks, metric="cosine", clustering=False)
-    return {f"d{m}/{k}": float(v) for m, out in per_dim.items() for k, v in out.items()
-            if k.startswith(PREFIX_METRICS)}
+    return {f"d{m}/{k}": float(v) for m, out in per_dim.items() for prefix in PREFIX_METRICS
+            for k, v in out.items() if k.startswith(prefix)}
 
 
 def make_eval_state_fn(config, train_images, *, key, average=None):
