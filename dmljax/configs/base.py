@@ -58,6 +58,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.name = "multi_similarity"  # dmljax.train.available_losses() or "ensemble"
     c.loss.options = ml_collections.ConfigDict()  # keyword options of the loss (its defaults otherwise)
     c.loss.components = ()  # loss.name="ensemble": loss names or {"name": ..., "options": {...}}
+    # Matryoshka representation learning (dmljax.losses.matryoshka): the loss on each prefix
+    # z[:, :m] of the embedding, e.g. (256, 128, 64, 32); None = off
+    c.loss.matryoshka_dims = None
+    c.loss.matryoshka_weights = None  # one weight per prefix (None = 1 each, the paper)
+    c.loss.matryoshka_normalize = True  # L2-normalise every prefix before the loss
 
     c.sampler = ml_collections.ConfigDict()
     c.sampler.name = "m_per_class"  # or "hierarchical", "lifted_hard_negative"
@@ -120,6 +125,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.ema_decay = 0.0  # > 0: evaluate an exponential moving average of the weights
     c.train.data_parallel = False  # shard_map over all local devices
+    # gradient caching (dmljax.train.grad_cache): embed the batch in chunks of this many items
+    # per device, activations of one chunk in memory at a time; None = off
+    c.train.embed_chunk_size = None
+    c.train.embed_chunk_unroll = False  # unroll the loops over chunks (faster on XLA:CPU, no memory bound)
     c.train.eval_every = 500
     c.train.checkpoint_every = 1000
     c.train.log_every = 10

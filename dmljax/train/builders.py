@@ -4,7 +4,9 @@ Each reads its section of the config (every key has its default in `dmljax.confi
 `build_sampler` (``config.sampler``, ``method.name=alternating_projection``),
 `build_lifted_sampler` (``sampler.name=lifted_hard_negative``), `build_augment`
 (``config.augment``), `build_optimizer` (``config.optim``), `build_train_state` (model +
-objective + optimizer), `load_teacher` (``distill.teacher``).
+objective + optimizer; ``loss.matryoshka_*``: `matryoshka_objective`), `build_step_fn`
+(``train.data_parallel``, ``train.embed_chunk_size``: gradient caching), `load_teacher`
+(``distill.teacher``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from dmljax.train.optim import make_optimizer
 from dmljax.train.state import create_train_state
 
 __all__ = ["SAMPLERS", "build_augment", "build_lifted_sampler", "build_optimizer", "build_sampler",
-           "build_train_state", "hierarchical_sampler_options", "lifted_sampler_options", "load_teacher"]
+           "build_step_fn", "build_train_state", "embed_chunk_options", "hierarchical_sampler_options",
+           "lifted_sampler_options", "load_teacher", "matryoshka_dims", "matryoshka_objective"]
 
 
 def _augment(images, key, *, config):
@@ -229,11 +232,100 @@ def build_train_state(config, *, num_classes: int, num_train: int, steps_per_epo
         config, num_classes=num_classes, num_train=num_train, dim=int(config.model.embedding_dim),
         batch_size=config.sampler.classes_per_batch * config.sampler.samples_per_class,
         steps_per_epoch=steps_per_epoch, key=k_loss, distill=teacher is not None)
+    objective = matryoshka_objective(config, objective)
     tx = build_optimizer(config)
     state = create_train_state(model, tx, objective.loss_fn, objective.loss_params, augment_fn=build_augment(config),
                                freeze_batch_norm=config.optim.freeze_batch_norm, method_fn=objective.method_fn,
                                loss_state=objective.loss_state, teacher=teacher)
     return state, objective
+
+
+def matryoshka_dims(config) -> tuple[int, ...] | None:
+    """``loss.matryoshka_dims`` validated against ``model.embedding_dim`` (distinct ints in
+    [1, D]), or None when off. ValueError naming the key otherwise."""
+    from dmljax.losses.matryoshka import check_prefix_dims
+    dims = config.loss.matryoshka_dims
+    if dims is None:
+        return None
+    return check_prefix_dims(dims, int(config.model.embedding_dim), name="loss.matryoshka_dims")
+
+
+def matryoshka_objective(config, objective):
+    """``loss.matryoshka_dims`` set: the objective's ``loss_fn`` wrapped by
+    `dmljax.losses.matryoshka.matryoshka` (Kusupati et al. 2022: the loss on each prefix
+    ``z[:, :m]``, weights ``loss.matryoshka_weights`` (None = 1 each), prefixes L2-normalised
+    with ``loss.matryoshka_normalize``; proxies sliced like the embedding); unchanged otherwise.
+
+    Needs a plain loss (``loss_fn``): ValueError with a stateful objective (``method.name``,
+    ``memory.size``, ``distill.teacher``, the lifted sampler) or ``model.backbone=global_local``
+    (whose embedding is two concatenated embeddings, not one nested one)."""
+    from dmljax.losses.matryoshka import matryoshka
+    dims = matryoshka_dims(config)
+    weights = config.loss.matryoshka_weights
+    if dims is None:
+        if weights is not None:
+            raise ValueError("loss.matryoshka_weights given without loss.matryoshka_dims")
+        return objective
+    if config.model.backbone == "global_local":
+        raise ValueError("loss.matryoshka_dims cannot be combined with model.backbone='global_local'")
+    if objective.loss_fn is None:
+        raise ValueError("loss.matryoshka_dims needs a plain loss: method.name='none', memory.size=0, no "
+                         f"distill.teacher, no lifted_hard_negative sampler (method.name={config.method.name!r})")
+    if weights is not None:
+        if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__") or len(weights) != len(dims):
+            raise ValueError(f"loss.matryoshka_weights must have one weight per prefix of loss.matryoshka_dims "
+                             f"{dims}, got {weights!r}")
+        if any(not np.isfinite(float(w)) or float(w) < 0 for w in weights):
+            raise ValueError(f"loss.matryoshka_weights must be finite and >= 0, got {tuple(weights)}")
+    fn = matryoshka(objective.loss_fn, dims=dims, weights=None if weights is None else tuple(weights),
+                    normalize=bool(config.loss.matryoshka_normalize))
+    return dataclasses.replace(objective, loss_fn=fn)
+
+
+def embed_chunk_options(config, *, num_devices: int = 1) -> dict | None:
+    """``train.embed_chunk_size`` validated: ``{"chunk_size", "num_chunks", "unroll"}`` per device,
+    or None when off. The chunk must divide the per-device batch ``classes_per_batch *
+    samples_per_class / num_devices``. ValueError naming the key otherwise."""
+    chunk = config.train.embed_chunk_size
+    if chunk is None:
+        return None
+    chunk = check_positive_int(chunk, name="train.embed_chunk_size")
+    batch = int(config.sampler.classes_per_batch) * int(config.sampler.samples_per_class)
+    if batch % num_devices:
+        raise ValueError(f"the batch size {batch} must be divisible by the number of devices {num_devices}")
+    local = batch // num_devices
+    if local % chunk:
+        raise ValueError(f"train.embed_chunk_size ({chunk}) must divide the per-device batch size {local} "
+                         f"(classes_per_batch * samples_per_class / {num_devices} devices)")
+    return {"chunk_size": chunk, "num_chunks": local // chunk, "unroll": True if config.train.embed_chunk_unroll else 1}
+
+
+def build_step_fn(config, state, *, devices=None, mesh=None):
+    """The jitted train step of ``config.train``: `dmljax.train.step.train_step`, or
+    `make_parallel_train_step` over ``mesh`` (given: always data-parallel, e.g. the global mesh of
+    a multi-process run) or over ``devices`` (default: the local devices) with
+    ``train.data_parallel``; with ``train.embed_chunk_size`` their gradient-caching counterparts
+    (`dmljax.train.grad_cache`: exact gradients with the activations of one chunk in memory;
+    BatchNorm in train mode then normalises per chunk, see that module). Gradient caching needs
+    a plain loss (``state.method_fn`` None): ValueError for ``method.name``, ``memory.size``,
+    ``distill.teacher`` or the lifted sampler."""
+    from dmljax.train.grad_cache import grad_cache_train_step, make_parallel_grad_cache_train_step
+    from dmljax.train.step import data_mesh, make_parallel_train_step, train_step
+    parallel = bool(config.train.data_parallel) or mesh is not None
+    if mesh is None:
+        devices = list(jax.local_devices() if devices is None else devices)
+        mesh = data_mesh(devices) if parallel else None
+    opts = embed_chunk_options(config, num_devices=mesh.size if parallel else 1)
+    if opts is not None and state.method_fn is not None:
+        raise ValueError("train.embed_chunk_size (gradient caching) needs a plain loss: method.name='none', "
+                         "memory.size=0, no distill.teacher, no lifted_hard_negative sampler "
+                         f"(method.name={config.method.name!r}, distill.teacher={config.distill.teacher!r})")
+    if opts is None:
+        return make_parallel_train_step(mesh) if parallel else jax.jit(train_step)
+    if parallel:
+        return make_parallel_grad_cache_train_step(mesh, chunk_size=opts["chunk_size"],
+                                                   unroll=opts["unroll"])
+    return jax.jit(functools.partial(grad_cache_train_step, chunk_size=opts["chunk_size"], unroll=opts["unroll"]))
 
 
 def load_teacher(workdir: str, *, num_classes: int, num_train: int):

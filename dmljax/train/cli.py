@@ -38,6 +38,10 @@ Trainer flags (every key and its default: `dmljax.configs.base`):
   `dmljax.train.builders.hierarchical_sampler_options` / `lifted_sampler_options`).
 * ``memory.size=N`` (``memory.start_step``): cross-batch memory (XBM) for a pair loss.
 * ``distill.teacher=<workdir> distill.weight=1.0``: RKD from the frozen model of an earlier run.
+* ``train.embed_chunk_size=C`` (``train.embed_chunk_unroll``): gradient caching, chunks of C
+  items per device (`dmljax.train.grad_cache`, `dmljax.train.builders.build_step_fn`).
+* ``loss.matryoshka_dims=(256,128,64,32)`` (``loss.matryoshka_weights``, ``matryoshka_normalize``):
+  Matryoshka loss; per-prefix metrics ``d<m>/...`` in the final table.
 * ``model.backbone=global_local loss.name=hybrid_pair_proxy``: global + local embeddings.
 * ``eval.precise_bn_batches=K``, ``eval.tta_shifts``, ``eval.final_tta_shifts``,
   ``eval.rerank="similarity"``; ``train.data_parallel=True`` (all local devices, global-batch

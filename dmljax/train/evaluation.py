@@ -6,11 +6,12 @@ metrics (cosine kNN; Recall@K at the source's ks, MAP@R, R-precision, MRR; NMI /
 one k-means restart with ``with_nmi``) and, for Omniglot, the error on the 20 official 20-way
 one-shot runs. `make_embed_fn` adds test-time views (`dmljax.train.tta`), `make_eval_state_fn`
 the weight average and PreciseBN statistics, `rerank_metrics` the similarity-network
-re-ranking; `format_results` prints the table with `dmljax.metrics.format_metrics_table`.
+re-ranking, `prefix_metrics` the metrics of each Matryoshka prefix of the embedding; `format_results` prints the table with `dmljax.metrics.format_metrics_table`.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 
 import jax
@@ -21,7 +22,8 @@ from dmljax.data.sources import DataSource
 from dmljax.metrics.report import evaluate as evaluate_embeddings, format_metrics_table
 from dmljax.train.step import embed
 
-__all__ = ["TABLE_METRICS", "clustering", "evaluate", "format_results", "make_embed_fn", "make_eval_state_fn", "rerank_metrics"]
+__all__ = ["TABLE_METRICS", "clustering", "evaluate", "format_results", "make_embed_fn", "make_eval_state_fn", "prefix_metrics",
+           "rerank_metrics"]
 
 _COUNTS = ("num_queries", "num_gallery", "knn_k", "knn_seconds")
 
@@ -38,8 +40,9 @@ def evaluate(state, source: DataSource, *, with_nmi: bool = False, batch_size: i
       batch_size: embedding chunk (``eval.batch_size``).
       embed_fn: ``embed_fn(state, images, batch_size) -> [N, D]`` in place of
         `dmljax.train.step.embed` (e.g. `make_embed_fn`'s test-time-augmented embedding).
-      keep: a dict that receives ``step``, ``metrics`` and the query ``embeddings`` (so the final
-        table can reuse the evaluation the loop already ran at the last step).
+      keep: a dict that receives ``step``, ``metrics``, the query ``embeddings`` and the
+        ``gallery_embeddings`` (None without a gallery), so the final table can reuse the
+        evaluation the loop already ran at the last step.
 
     Returns:
       dict[str, float]: ``recall@k`` (the source's ks), ``precision_at_1``, ``r_precision``,
@@ -65,7 +68,7 @@ def evaluate(state, source: DataSource, *, with_nmi: bool = False, batch_size: i
         error, _ = one_shot_error(lambda x: embed_fn(state, x, 64), source.one_shot_runs)
         out["one_shot_error"] = float(error)
     if keep is not None:
-        keep.update(step=int(state.step), metrics=dict(out), embeddings=query)
+        keep.update(step=int(state.step), metrics=dict(out), embeddings=query, gallery_embeddings=gallery)
     return out
 
 
@@ -77,8 +80,34 @@ def format_results(metrics: dict[str, float]) -> str:
     MAP@R, R-precision, NMI, one-shot error, then any re-ranking metrics."""
     names = [k for k in metrics if k.startswith("recall@") and "rerank" not in k]
     names += [k for k in TABLE_METRICS if k in metrics]
+    names += [k for k in metrics if _PREFIX_KEY.match(k)]
     names += [k for k in metrics if "rerank" in k and k not in names and np.ndim(metrics[k]) == 0]
     return format_metrics_table({n: metrics[n] for n in names}, percent=False)
+
+
+_PREFIX_KEY = re.compile(r"^d[0-9]+/")
+PREFIX_METRICS = ("recall@", "map_at_r", "r_precision")
+
+
+def prefix_metrics(source: DataSource, query_embeddings, gallery_embeddings=None, *, dims) -> dict[str, float]:
+    """Retrieval metrics of each prefix ``[:, :m]`` (L2-normalised) of the evaluation embeddings
+    (`dmljax.losses.matryoshka.evaluate_prefixes`, cosine kNN at the source's ks, as `evaluate`):
+    ``{"d<m>/recall@<k>", "d<m>/map_at_r", "d<m>/r_precision"}`` for every m of ``dims`` (the
+    Matryoshka table: how well the first m coordinates retrieve alone).
+
+    Args:
+      source: the `DataSource` the embeddings come from (labels, ks).
+      query_embeddings: [N, D] (``keep["embeddings"]`` of `evaluate`); gallery_embeddings:
+        [M, D] or None (every query against the other queries).
+      dims: prefix dimensions, distinct ints in [1, D].
+    """
+    from dmljax.losses.matryoshka import evaluate_prefixes
+    e = source.eval_set
+    per_dim = evaluate_prefixes(np.asarray(query_embeddings), e.query_labels,
+                                None if gallery_embeddings is None else np.asarray(gallery_embeddings),
+                                e.gallery_labels, dims=tuple(dims), ks=e.ks, metric="cosine", clustering=False)
+    return {f"d{m}/{k}": float(v) for m, out in per_dim.items() for prefix in PREFIX_METRICS
+            for k, v in out.items() if k.startswith(prefix)}
 
 
 def make_eval_state_fn(config, train_images, *, key, average=None):

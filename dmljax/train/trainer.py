@@ -34,13 +34,14 @@ import numpy as np
 from dmljax.data.sources import add_label_noise, load_data_source
 from dmljax.train import distributed
 from dmljax.train.averaging import WeightAverage
-from dmljax.train.builders import build_lifted_sampler, build_sampler, build_train_state, load_teacher
+from dmljax.train.builders import (build_lifted_sampler, build_sampler, build_step_fn, build_train_state,
+                                   embed_chunk_options, load_teacher, matryoshka_dims)
 from dmljax.train.checkpoint import Checkpointer
 from dmljax.train.evaluation import (clustering, evaluate, format_results, make_embed_fn, make_eval_state_fn,
-                                     rerank_metrics)
+                                     prefix_metrics, rerank_metrics)
 from dmljax.train.loop import KMeansReclustering, fit
 from dmljax.train.metrics_log import LossWeightLog, MetricsLog
-from dmljax.train.step import data_mesh, embed, make_parallel_train_step, train_step
+from dmljax.train.step import data_mesh, embed
 
 __all__ = ["train_and_evaluate"]
 
@@ -116,7 +117,12 @@ def train_and_evaluate(config, workdir: str, *, resume: bool = False) -> dict[st
     mesh = data_mesh() if config.train.data_parallel or multiprocess else None
     if multiprocess:
         state = distributed.replicate(state, mesh)
-    step_fn = make_parallel_train_step(mesh) if mesh is not None else jax.jit(train_step)
+    step_fn = build_step_fn(config, state, mesh=mesh)
+    chunking = embed_chunk_options(config, num_devices=mesh.size if mesh is not None else 1)
+    if chunking is not None:
+        _print(f"gradient caching: chunks of {chunking['chunk_size']} items per device "
+               f"({chunking['num_chunks']} per step)")
+    prefix_dims = matryoshka_dims(config)
     weight_average = WeightAverage(float(config.train.ema_decay)) if config.train.ema_decay > 0 else None
     if weight_average is not None:
         step_fn = weight_average.wrap(step_fn)
@@ -143,7 +149,10 @@ def train_and_evaluate(config, workdir: str, *, resume: bool = False) -> dict[st
         with open(os.path.join(workdir, "run_info.json"), "w") as f:
             json.dump({"num_classes": int(num_classes), "num_train": int(len(labels)),
                        "method": objective.method, "loss": objective.spec.name,
-                       "label_noise_fraction": noise_fraction}, f, indent=1)
+                       "label_noise_fraction": noise_fraction,
+                       "embed_chunk_size": None if chunking is None else chunking["chunk_size"],
+                       "embed_chunks_per_step": None if chunking is None else chunking["num_chunks"],
+                       "matryoshka_dims": None if prefix_dims is None else list(prefix_dims)}, f, indent=1)
 
     hooks, before = {}, []
     lifted = build_lifted_sampler(
@@ -180,6 +189,9 @@ def train_and_evaluate(config, workdir: str, *, resume: bool = False) -> dict[st
     else:
         final = evaluate(for_eval(state), source, with_nmi=config.train.final_nmi, batch_size=eval_batch,
                          embed_fn=final_embed_fn, keep=last_eval)
+    if prefix_dims is not None:  # Matryoshka: the metrics of every prefix of the final embeddings
+        final.update(prefix_metrics(source, last_eval["embeddings"], last_eval.get("gallery_embeddings"),
+                                    dims=prefix_dims))
     final.update(objective.loss_weights(state))
     final.update(rerank_metrics(config, for_eval(state), train_images=images, train_labels=labels,
                                 test_embeddings=last_eval["embeddings"], test_labels=source.labels,
