@@ -21,6 +21,7 @@ Distances returned (ascending, nearest first)::
 
   "euclidean": |q - g|;  "squared_euclidean": |q - g|^2;
   "cosine": 1 - cos(q, g) (cosine distance);  "dot": -<q, g>.
+
 Scores are computed as ``|q|^2 + |g|^2 - 2 <q, g>`` (clamped at 0), the usual matmul form.
 
 Tie-breaking is deterministic: among neighbours at exactly the same distance the
