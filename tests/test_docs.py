@@ -40,7 +40,7 @@ def test_docs_build_without_warnings(tmp_path):
 
 # Subpackages (or top-level modules) whose every public name must have an API page AND an executed
 # `Examples:` doctest. Add a subpackage here once its docstrings have examples.
-ENFORCED = ["dmljax.metrics", "dmljax.regularizers"]
+ENFORCED = ["dmljax.metrics", "dmljax.regularizers", "dmljax.data"]
 
 
 def _public_names(package: str, entries: dict[str, list[str]]) -> list[tuple[str, str]]:

@@ -18,6 +18,7 @@ crop 224 for testing. The paper reports 180-image batches for its BN-Inception r
 ResNet-50 command uses 120, which is what we use (30 classes x 4 images).
 
 Differences from the official code (say so when comparing numbers):
+
 * batches are class-balanced 30 x 4 (`MPerClassSampler`) rather than uniformly random;
   Proxy-Anchor does not need positive pairs in the batch, so this only changes the sampling noise;
 * learning-rate schedule: linear warm-up for 5 epochs (240 steps) then cosine decay, instead of

@@ -94,7 +94,15 @@ def _per_image_keys(key: jax.Array, batch: int) -> jax.Array:
 
 # ----------------------------------------------------------------------------- deterministic parts
 def to_float(images: Any, *, dtype: Any = jnp.float32) -> jax.Array:
-    """uint8 [B, H, W, C] in 0..255 -> ``dtype`` in [0, 1] (floating input is only cast)."""
+    """uint8 [B, H, W, C] in 0..255 -> ``dtype`` in [0, 1] (floating input is only cast).
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.data.augment import to_float
+      >>> x = to_float(np.array([0, 51, 255], np.uint8).reshape(1, 1, 3, 1))
+      >>> print(x.dtype, x.reshape(-1))
+      float32 [0.  0.2 1. ]
+    """
     images = _check_images(images, floating=False)
     if jnp.issubdtype(images.dtype, jnp.integer):
         return images.astype(dtype) / jnp.asarray(255, dtype)
@@ -103,7 +111,15 @@ def to_float(images: Any, *, dtype: Any = jnp.float32) -> jax.Array:
 
 def normalize(images: Any, mean: Sequence[float] | float, std: Sequence[float] | float) -> jax.Array:
     """(images - mean) / std per channel (e.g. ImageNet mean (0.485, 0.456, 0.406), std (0.229,
-    0.224, 0.225) for torchvision-pretrained backbones)."""
+    0.224, 0.225) for torchvision-pretrained backbones).
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.data.augment import normalize
+      >>> x = np.full((1, 2, 2, 3), 0.5, np.float32)
+      >>> print(np.round(np.asarray(normalize(x, mean=(0.5, 0.0, 0.25), std=0.5))[0, 0, 0], 4))
+      [0.  1.  0.5]
+    """
     images = _check_images(images)
     mean_arr = jnp.asarray(mean, images.dtype).reshape(-1)
     std_arr = jnp.asarray(std, images.dtype).reshape(-1)
@@ -134,6 +150,13 @@ def center_crop_resize(images: Any, *, size: int | tuple[int, int], crop_fractio
     """Deterministic evaluation transform: central crop of ``crop_fraction`` of each side, resized.
 
     ``crop_fraction=0.875`` is the usual "resize 256, centre crop 224" of DML evaluation.
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.data.augment import center_crop_resize
+      >>> x = np.zeros((2, 32, 32, 3), np.float32)
+      >>> center_crop_resize(x, size=16, crop_fraction=0.875).shape
+      (2, 16, 16, 3)
     """
     images = _check_images(images)
     size = _check_size(size)
@@ -152,6 +175,19 @@ def affine_transform(images: Any, matrix: Any, *, fill: float = 0.0, displacemen
     value is sampled at input position ``A @ (p - c) + c + t (+ d(p))`` where ``matrix = [A | t]``
     ([2, 3] for all images or [B, 2, 3] per image) and ``displacement`` d is an optional per-pixel
     offset [B, 2, H, W] (rows, cols; e.g. :func:`elastic_displacement`). Outside the image: ``fill``.
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.data.augment import affine_transform
+      >>> x = np.arange(9, dtype=np.float32).reshape(1, 3, 3, 1)
+      >>> identity = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+      >>> print(np.allclose(affine_transform(x, identity), x))
+      True
+      >>> shift = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])  # sample one column to the right
+      >>> print(np.asarray(affine_transform(x, shift))[0, :, :, 0])
+      [[1. 2. 0.]
+       [4. 5. 0.]
+       [7. 8. 0.]]
     """
     images = _check_images(images)
     matrix = jnp.asarray(matrix, images.dtype)
@@ -217,6 +253,13 @@ def elastic_displacement(key: jax.Array, *, batch: int, height: int, width: int,
     by a Gaussian of std ``sigma`` (:func:`gaussian_smooth`) and scaled by ``alpha``; their
     MNIST (28 px) setting is sigma = 4, alpha = 34 (displacements of a pixel or two that bend
     strokes the way handwriting varies). Feed it to :func:`affine_transform`.
+
+    Examples:
+      >>> import jax
+      >>> from dmljax.data.augment import elastic_displacement
+      >>> d = elastic_displacement(jax.random.key(0), batch=2, height=28, width=28, alpha=34.0)
+      >>> d.shape
+      (2, 2, 28, 28)
     """
     alpha = _check_nonnegative(alpha, "alpha")
     height, width = _check_size((height, width), "height/width")
@@ -241,6 +284,14 @@ def random_resized_crop(
     retries up to 10 times until the box fits and then falls back to a centre crop; with static
     shapes we instead clip the box's height and width to the image (so extreme ratios become less
     extreme), then place it uniformly at random.
+
+    Examples:
+      >>> import jax
+      >>> import numpy as np
+      >>> from dmljax.data.augment import random_resized_crop
+      >>> x = np.random.default_rng(0).uniform(size=(4, 32, 32, 3)).astype(np.float32)
+      >>> random_resized_crop(jax.random.key(0), x, size=24).shape
+      (4, 24, 24, 3)
     """
     images = _check_images(images)
     size = _check_size(size)
@@ -264,7 +315,16 @@ def random_resized_crop(
 
 
 def random_flip_left_right(key: jax.Array, images: Any, *, probability: float = 0.5) -> jax.Array:
-    """Mirror each image horizontally with the given probability."""
+    """Mirror each image horizontally with the given probability.
+
+    Examples:
+      >>> import jax
+      >>> import numpy as np
+      >>> from dmljax.data.augment import random_flip_left_right
+      >>> x = np.arange(3, dtype=np.float32).reshape(1, 1, 3, 1)
+      >>> print(np.asarray(random_flip_left_right(jax.random.key(0), x, probability=1.0)).reshape(-1))
+      [2. 1. 0.]
+    """
     images = _check_images(images)
     probability = _check_nonnegative(probability, "probability", maximum=1.0)
     flip = jax.random.bernoulli(key, probability, (images.shape[0],))
@@ -291,6 +351,15 @@ def random_affine(
     The forward map is translate o rotate o shear o zoom about the image centre (torchvision's
     ``RandomAffine`` parameterisation); pixels are pulled through its inverse with bilinear
     interpolation; uncovered pixels get ``fill`` (0 = background for ink-high Omniglot).
+
+    Examples:
+      >>> import jax
+      >>> import numpy as np
+      >>> from dmljax.data.augment import random_affine
+      >>> x = np.zeros((2, 28, 28, 1), np.float32)
+      >>> y = random_affine(jax.random.key(0), x, rotation=10.0, shear=10.0, translation=0.1, scale=(0.9, 1.1))
+      >>> y.shape
+      (2, 28, 28, 1)
     """
     images = _check_images(images)
     rotation = _check_nonnegative(rotation, "rotation", maximum=180.0)
@@ -346,6 +415,15 @@ def color_jitter(
     f_c * x + (1 - f_c) * mean(gray(x)); saturation (RGB only; grey images are unchanged):
     f_s * x + (1 - f_s) * gray(x). The result is clipped to [0, 1] after each step as torchvision
     does.
+
+    Examples:
+      >>> import jax
+      >>> import numpy as np
+      >>> from dmljax.data.augment import color_jitter
+      >>> x = np.full((2, 4, 4, 3), 0.5, np.float32)
+      >>> y = np.asarray(color_jitter(jax.random.key(0), x, brightness=0.4, contrast=0.4, saturation=0.4))
+      >>> print(y.shape, bool(y.min() >= 0.0), bool(y.max() <= 1.0))
+      (2, 4, 4, 3) True True
     """
     images = _check_images(images)
     strengths = {
@@ -382,6 +460,14 @@ class AugmentConfig:
     """Static (hashable) description of a training augmentation; see :func:`augment`.
 
     Defaults are "off" except the output size; presets: :meth:`omniglot` and :meth:`imagenet_style`.
+
+    Examples:
+      >>> from dmljax.data.augment import AugmentConfig
+      >>> config = AugmentConfig.imagenet_style(size=224)
+      >>> print(config.size, config.crop_scale, config.flip)
+      (224, 224) (0.16, 1.0) True
+      >>> AugmentConfig.omniglot().rotation
+      10.0
     """
 
     size: tuple[int, int] | None = None  # None: keep the input size
@@ -417,6 +503,15 @@ def augment(key: jax.Array, images: Any, config: AugmentConfig) -> jax.Array:
 
     ``images`` uint8 or float [B, H, W, C]; returns float32 (or the float input dtype)
     [B, size[0], size[1], C]. Use ``jax.jit(augment, static_argnames="config")``.
+
+    Examples:
+      >>> import jax
+      >>> import numpy as np
+      >>> from dmljax.data.augment import AugmentConfig, augment
+      >>> images = np.random.default_rng(0).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
+      >>> out = augment(jax.random.key(0), images, AugmentConfig.imagenet_style(size=24))
+      >>> print(out.shape, out.dtype)
+      (2, 24, 24, 3) float32
     """
     if not isinstance(config, AugmentConfig):
         raise ValueError(f"config must be an AugmentConfig, got {type(config).__name__}")

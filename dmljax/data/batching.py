@@ -30,6 +30,13 @@ def pad_batch(*arrays: np.ndarray, batch_size: int) -> tuple[tuple[np.ndarray, .
     Raises:
       ValueError: ``batch_size`` not positive or smaller than the number of rows, or arrays with
         different numbers of rows.
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.data.batching import pad_batch
+      >>> (x, y), valid = pad_batch(np.ones((3, 2)), np.array([4, 5, 6]), batch_size=4)
+      >>> print(x.shape, y, valid)
+      (4, 2) [4 5 6 0] [ True  True  True False]
     """
     batch_size = _check_batch_size(batch_size)
     if not arrays:
@@ -52,7 +59,17 @@ def pad_batch(*arrays: np.ndarray, batch_size: int) -> tuple[tuple[np.ndarray, .
 
 def iterate_padded(*arrays: np.ndarray, batch_size: int) -> Iterator[tuple[tuple[np.ndarray, ...], np.ndarray]]:
     """Yield consecutive batches of ``arrays`` in order, all of ``batch_size`` rows (the last one
-    zero-padded), each with its ``valid`` mask."""
+    zero-padded), each with its ``valid`` mask.
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.data.batching import iterate_padded
+      >>> for (labels,), valid in iterate_padded(np.arange(5), batch_size=2):
+      ...     print(labels, valid)
+      [0 1] [ True  True]
+      [2 3] [ True  True]
+      [4 0] [ True False]
+    """
     batch_size = _check_batch_size(batch_size)
     if not arrays:
         raise ValueError("arrays must contain at least one array")

@@ -48,6 +48,17 @@ def decode_image(path: str | os.PathLike, *, image_size: int, resize: str = "str
 
     ``resize="stretch"`` maps the whole image to S x S; ``"center_crop"`` resizes the shorter side
     to S and keeps the central square.
+
+    Examples:
+      >>> import os, tempfile
+      >>> import numpy as np
+      >>> from PIL import Image
+      >>> from dmljax.data.folders import decode_image
+      >>> path = os.path.join(tempfile.mkdtemp(), "a.png")
+      >>> Image.fromarray(np.zeros((20, 40, 3), np.uint8)).save(path)
+      >>> image = decode_image(path, image_size=16, resize="center_crop")
+      >>> print(image.shape, image.dtype)
+      (16, 16, 3) uint8
     """
     with Image.open(path) as im:
         im = im.convert("RGB")
@@ -72,6 +83,20 @@ class ImageListDataset:
       labels: int32 [N], contiguous 0..C-1.
       class_ids: list of C original class ids / names, ``class_ids[labels[i]]``.
       super_labels: int32 [N] or None (SOP's 12 product categories, contiguous).
+
+    Examples:
+      >>> import os, tempfile
+      >>> import numpy as np
+      >>> from PIL import Image
+      >>> from dmljax.data.folders import ImageListDataset
+      >>> root = tempfile.mkdtemp()
+      >>> paths = [os.path.join(root, f"{i}.png") for i in range(3)]
+      >>> for p in paths:
+      ...     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(p)
+      >>> data = ImageListDataset(paths, np.array([0, 0, 1], np.int32), ["cat", "dog"])
+      >>> images, labels = data.load([2, 0], image_size=4)
+      >>> print(len(data), data.num_classes, images.shape, labels)
+      3 2 (2, 4, 4, 3) [1 0]
     """
 
     paths: list[str]
@@ -172,6 +197,25 @@ def load_sop(root: str | os.PathLike) -> dict[str, ImageListDataset]:
     """Stanford Online Products from ``root/Ebay_train.txt`` and ``root/Ebay_test.txt``.
 
     Returns ``{"train": ..., "test": ...}`` with per-split contiguous labels and super-class labels.
+
+    Examples:
+      >>> import os, tempfile
+      >>> import numpy as np
+      >>> from PIL import Image
+      >>> from dmljax.data.folders import load_sop
+      >>> root = tempfile.mkdtemp()
+      >>> os.makedirs(os.path.join(root, "bicycle_final"))
+      >>> for split, ids in (("train", (1, 1, 2)), ("test", (3, 3))):
+      ...     lines = ["image_id class_id super_class_id path"]
+      ...     for i, c in enumerate(ids):
+      ...         rel = f"bicycle_final/{split}_{i}.JPG"
+      ...         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(os.path.join(root, rel), format="JPEG")
+      ...         lines.append(f"{i + 1} {c} 1 {rel}")
+      ...     with open(os.path.join(root, f"Ebay_{split}.txt"), "w") as f:
+      ...         _ = f.write("\\n".join(lines) + "\\n")
+      >>> sop = load_sop(root)
+      >>> print(sop["train"].labels, sop["train"].class_ids, len(sop["test"]))
+      [0 0 1] [1, 2] 2
     """
     root = Path(root)
     out = {}
@@ -199,6 +243,19 @@ def load_inshop(
     Returns:
       ``{"train": ..., "query": ..., "gallery": ...}``; query and gallery labels share one
       contiguous mapping of item ids.
+
+    Examples:
+      >>> import os, tempfile
+      >>> from dmljax.data.folders import load_inshop
+      >>> root = tempfile.mkdtemp()
+      >>> rows = [("img/a/1.jpg", "id_1", "train"), ("img/b/1.jpg", "id_2", "query"),
+      ...         ("img/b/2.jpg", "id_2", "gallery"), ("img/c/1.jpg", "id_3", "gallery")]
+      >>> with open(os.path.join(root, "list_eval_partition.txt"), "w") as f:
+      ...     _ = f.write(f"{len(rows)}\\nimage_name item_id evaluation_status\\n")
+      ...     _ = f.write("".join(" ".join(r) + "\\n" for r in rows))
+      >>> inshop = load_inshop(root)  # paths only: images are decoded when loaded
+      >>> print(sorted(inshop), inshop["query"].labels, inshop["gallery"].labels)
+      ['gallery', 'query', 'train'] [0] [0 1]
     """
     root = Path(root)
     if list_file is None:
@@ -241,6 +298,20 @@ def load_image_folder(
 ) -> ImageListDataset:
     """``root/<class>/<image>`` (torchvision ``ImageFolder`` layout): classes in sorted order,
     images sorted by path, nested sub-folders of a class included; ``class_ids`` are the folder names.
+
+    Examples:
+      >>> import os, tempfile
+      >>> import numpy as np
+      >>> from PIL import Image
+      >>> from dmljax.data.folders import load_image_folder
+      >>> root = tempfile.mkdtemp()
+      >>> for name in ("cat", "dog"):
+      ...     os.makedirs(os.path.join(root, name))
+      ...     for i in range(2):
+      ...         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(os.path.join(root, name, f"{i}.png"))
+      >>> data = load_image_folder(root)
+      >>> print(data.class_ids, data.labels)
+      ['cat', 'dog'] [0 0 1 1]
     """
     root = Path(root)
     if not root.is_dir():

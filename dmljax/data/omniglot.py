@@ -84,6 +84,16 @@ class OmniglotData:
       alphabets: list of C alphabet names, ``alphabets[c]`` is the alphabet of class ``c``.
       characters: list of C names ``"<alphabet>/<characterNN>"``, one per class.
       drawers: int32 [N], the drawer (1..20) of each image.
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.data.omniglot import OmniglotData
+      >>> data = OmniglotData(images=np.zeros((3, 28, 28, 1), np.uint8), labels=np.array([0, 1, 2], np.int32),
+      ...                     alphabets=["Latin", "Greek", "Latin"],
+      ...                     characters=["Latin/character01", "Greek/character01", "Latin/character02"],
+      ...                     drawers=np.array([1, 1, 2], np.int32))
+      >>> print(data.num_classes, data.class_alphabet_labels, data.alphabet_labels)
+      3 [1 0 1] [1 0 1]
     """
 
     images: np.ndarray
@@ -116,6 +126,12 @@ class OneShotRun(NamedTuple):
       test_images: uint8 [20, H, W, 1], ``test/item01..item20`` in that order.
       test_to_train_index: int32 [20], the answer key: test item i shows the class of
         ``train_images[test_to_train_index[i]]``.
+
+    Examples:
+      >>> from dmljax.data.omniglot import load_one_shot_runs
+      >>> run = load_one_shot_runs(image_size=28)[0]  # a OneShotRun
+      >>> print(run.train_images.shape, run.test_images.shape, run.test_to_train_index[:5])
+      (20, 28, 28, 1) (20, 28, 28, 1) [ 7  8  1 18  9]
     """
 
     train_images: np.ndarray
@@ -124,12 +140,27 @@ class OneShotRun(NamedTuple):
 
 
 def default_data_dir() -> Path:
-    """The directory of the zips shipped with the package."""
+    """The directory of the zips shipped with the package.
+
+    Examples:
+      >>> from dmljax.data.omniglot import default_data_dir
+      >>> (default_data_dir() / "all_runs.zip").is_file()
+      True
+    """
     return Path(__file__).resolve().parent / "omniglot"
 
 
 def default_cache_dir() -> Path:
-    """``$DMLJAX_CACHE`` if set, else ``~/.cache/dmljax``."""
+    """``$DMLJAX_CACHE`` if set, else ``~/.cache/dmljax``.
+
+    Examples:
+      >>> import os
+      >>> from unittest import mock
+      >>> from dmljax.data.omniglot import default_cache_dir
+      >>> with mock.patch.dict(os.environ, {"DMLJAX_CACHE": "/tmp/dmljax-cache"}):
+      ...     print(default_cache_dir())
+      /tmp/dmljax-cache
+    """
     env = os.environ.get("DMLJAX_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "dmljax"
 
@@ -328,6 +359,12 @@ def load_omniglot(
     Raises:
       ValueError: unknown ``split`` or a non-positive ``image_size``.
       FileNotFoundError: an archive is missing from ``data_dir``.
+
+    Examples:
+      >>> from dmljax.data.omniglot import load_omniglot
+      >>> data = load_omniglot("background_small1", image_size=28, use_cache=False)
+      >>> print(data.images.shape, data.images.dtype, data.num_classes, data.characters[0])
+      (2720, 28, 28, 1) uint8 136 Balinese/character01
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -364,6 +401,12 @@ def load_one_shot_runs(
 
     Returns:
       A list of 20 :class:`OneShotRun` ordered run01..run20; images uint8 [20, H, W, 1], ink = 255.
+
+    Examples:
+      >>> from dmljax.data.omniglot import load_one_shot_runs
+      >>> runs = load_one_shot_runs(image_size=28)
+      >>> print(len(runs), runs[0].train_images.shape)
+      20 (20, 28, 28, 1)
     """
     image_size = _check_image_size(image_size)
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
@@ -421,6 +464,15 @@ def one_shot_error(
 
     Returns:
       (mean error over runs, per-run errors float64 [num_runs]).
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.data.omniglot import load_one_shot_runs, one_shot_error
+      >>> runs = load_one_shot_runs(image_size=28)
+      >>> pixels = lambda images: np.asarray(images, np.float32).reshape(len(images), -1) / 255
+      >>> error, per_run = one_shot_error(pixels, runs)  # nearest neighbour on raw pixels
+      >>> print(round(float(error), 4), per_run.shape)
+      0.7725 (20,)
     """
     if metric not in _METRICS:
         raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
@@ -445,7 +497,15 @@ def one_shot_error(
 
 
 class OmniglotProtocol(NamedTuple):
-    """Everything one benchmark protocol needs: training classes, unseen test classes, runs."""
+    """Everything one benchmark protocol needs: training classes, unseen test classes, runs.
+
+    Examples:
+      >>> from dmljax.data.omniglot import OmniglotProtocol, load_omniglot, load_one_shot_runs
+      >>> train = load_omniglot("background_small1", image_size=28, use_cache=False)
+      >>> protocol = OmniglotProtocol(train=train, test=train, one_shot_runs=load_one_shot_runs())
+      >>> print(protocol.train.num_classes, len(protocol.one_shot_runs))
+      136 20
+    """
 
     train: OmniglotData
     test: OmniglotData
@@ -464,7 +524,15 @@ def load_protocol(
 ) -> OmniglotProtocol:
     """Load a protocol of the README: ``"standard"`` (background 964 classes / evaluation 659
     classes) or ``"minimal"`` (background_small1 136 classes / minimal_test 106 classes); both use
-    the 20 official one-shot runs."""
+    the 20 official one-shot runs.
+
+    Examples:
+      >>> import tempfile
+      >>> from dmljax.data.omniglot import load_protocol
+      >>> protocol = load_protocol("minimal", image_size=28, cache_dir=tempfile.mkdtemp())
+      >>> print(protocol.train.images.shape, protocol.test.images.shape)
+      (2720, 28, 28, 1) (2120, 28, 28, 1)
+    """
     if name not in _PROTOCOLS:
         raise ValueError(f"name must be one of {tuple(_PROTOCOLS)}, got {name!r}")
     train_split, test_split = _PROTOCOLS[name]

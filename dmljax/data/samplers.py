@@ -93,6 +93,17 @@ class MPerClassSampler:
     ``batch_indices(step)`` -> int64 [P * M] indices into ``labels``. Classes with fewer than M
     items are sampled with replacement (duplicates inside the batch; the loss then sees
     identical embeddings as positives, which every loss of the library handles).
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.data.samplers import MPerClassSampler
+      >>> labels = np.repeat(np.arange(6), 5)  # 6 classes x 5 items
+      >>> sampler = MPerClassSampler(labels, classes_per_batch=3, samples_per_class=2, seed=0)
+      >>> print(sampler.batch_size, sampler.steps_per_epoch)
+      6 2
+      >>> batch = sampler.batch_indices(0)
+      >>> print(np.unique(labels[batch], return_counts=True)[1])
+      [2 2 2]
     """
 
     def __init__(self, labels: Any, *, classes_per_batch: int, samples_per_class: int, seed: int = 0):
@@ -177,6 +188,16 @@ class RepeatedCompositionSampler(MPerClassSampler):
     With R < M the other M - R items of each class are re-drawn every step. Classes advance one
     chunk per block of T steps, so an epoch lasts ``steps_per_epoch = T * num_classes // P``
     steps. T = 1 with R = M is the plain :class:`MPerClassSampler` order of classes.
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.data.samplers import RepeatedCompositionSampler
+      >>> labels = np.repeat(np.arange(4), 6)
+      >>> sampler = RepeatedCompositionSampler(labels, classes_per_batch=2, samples_per_class=3, repeat=2, seed=0)
+      >>> bool(np.array_equal(sampler.batch_indices(0), sampler.batch_indices(1)))  # same block of T = 2
+      True
+      >>> sampler.steps_per_epoch
+      4
     """
 
     def __init__(
@@ -245,6 +266,17 @@ class HierarchicalSampler(MPerClassSampler):
     Args:
       labels: int [N] class ids.
       super_labels: int [N] super-class ids; every class must lie in exactly one super-class.
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.data.samplers import HierarchicalSampler
+      >>> labels = np.repeat(np.arange(8), 3)  # 8 classes x 3 items
+      >>> super_labels = labels // 2  # 4 super-classes of 2 classes each
+      >>> sampler = HierarchicalSampler(labels, super_labels, super_classes_per_batch=2,
+      ...                               classes_per_super_class=2, samples_per_class=2, seed=0)
+      >>> batch = sampler.batch_indices(0)
+      >>> print(batch.shape, len(np.unique(super_labels[batch])), len(np.unique(labels[batch])))
+      (8,) 2 4
     """
 
     def __init__(

@@ -63,6 +63,20 @@ class LazyImages:
 
     Supports what the trainer needs: ``len``, ``shape``, ``dtype``, integer-array / slice / int
     indexing (returns uint8 [b, S, S, 3]). Decoding runs in a thread pool created on first use.
+
+    Examples:
+      >>> import os, tempfile
+      >>> import numpy as np
+      >>> from PIL import Image
+      >>> from dmljax.data.folders import ImageListDataset
+      >>> from dmljax.data.sources import LazyImages
+      >>> root = tempfile.mkdtemp()
+      >>> paths = [os.path.join(root, f"{i}.png") for i in range(3)]
+      >>> for p in paths:
+      ...     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(p)
+      >>> images = LazyImages(ImageListDataset(paths, np.array([0, 0, 1], np.int32), [0, 1]), image_size=4)
+      >>> print(images.shape, images[np.array([0, 2])].shape, images[1:3].dtype)
+      (3, 4, 4, 3) (2, 4, 4, 3) uint8
     """
 
     def __init__(self, dataset, *, image_size: int, resize: str = "stretch", num_workers: int = 8):
@@ -107,7 +121,16 @@ class LazyImages:
 @dataclasses.dataclass
 class EvalSet:
     """Evaluation protocol: every query against the other queries (CUB, Cars, SOP, Omniglot),
-    or queries against a separate gallery (In-shop). Images uint8 [N, S, S, C] or `LazyImages`."""
+    or queries against a separate gallery (In-shop). Images uint8 [N, S, S, C] or `LazyImages`.
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.data.sources import EvalSet
+      >>> e = EvalSet(np.zeros((4, 8, 8, 3), np.uint8), np.array([0, 0, 1, 1]),
+      ...             gallery_images=np.zeros((2, 8, 8, 3), np.uint8), gallery_labels=np.array([1, 2]))
+      >>> print(e.num_classes, e.ks)
+      3 (1, 2, 4, 8)
+    """
 
     query_images: Any
     query_labels: np.ndarray
@@ -138,6 +161,17 @@ class DataSource:
       class_super_labels: int32 [num_classes], the super-class of every training class (Omniglot:
         its alphabet, per rotation; SOP: its product category), else None; read by
         ``sampler.name="hierarchical"``.
+
+    Examples:
+      >>> from dmljax.configs.base import get_config
+      >>> from dmljax.data.sources import load_data_source
+      >>> config = get_config()
+      >>> config.data.name, config.data.image_size = "toy", 8
+      >>> source = load_data_source(config)
+      >>> print(source.describe())
+      toy: 64 train images / 8 classes, 32 test images / 4 classes
+      >>> print(source.train_images.shape, source.channels, source.class_super_labels[:4])
+      (64, 8, 8, 1) 1 [0 0 1 1]
     """
 
     name: str
@@ -169,7 +203,15 @@ class DataSource:
 
 # ----------------------------------------------------------------------------- data
 def parse_source_name(name: Any) -> tuple[str, str | None]:
-    """``"tfds:cars196"`` -> ("tfds", "cars196"); ``"sop"`` -> ("sop", None)."""
+    """``"tfds:cars196"`` -> ("tfds", "cars196"); ``"sop"`` -> ("sop", None).
+
+    Examples:
+      >>> from dmljax.data.sources import parse_source_name
+      >>> parse_source_name("tfds:cars196")
+      ('tfds', 'cars196')
+      >>> parse_source_name("sop")
+      ('sop', None)
+    """
     if not isinstance(name, str):
         raise ValueError(f"data.name must be a string, got {name!r}")
     kind, _, arg = name.partition(":")
@@ -187,7 +229,18 @@ def parse_source_name(name: Any) -> tuple[str, str | None]:
 
 
 def source_channels(config) -> int:
-    """Image channels of ``config.data.name``'s images: 1 for Omniglot, 3 for RGB datasets."""
+    """Image channels of ``config.data.name``'s images: 1 for Omniglot, 3 for RGB datasets.
+
+    Examples:
+      >>> from dmljax.configs.base import get_config
+      >>> from dmljax.data.sources import source_channels
+      >>> config = get_config()
+      >>> print(source_channels(config))  # the default source, omniglot
+      1
+      >>> config.data.name = "tfds:caltech_birds2011"
+      >>> print(source_channels(config))
+      3
+    """
     kind, arg = parse_source_name(config.data.name)
     if kind in ("omniglot", "toy"):
         return 1
@@ -317,7 +370,17 @@ def _class_super_labels(split) -> np.ndarray | None:
 
 
 def load_data_source(config) -> DataSource:
-    """The `DataSource` named by ``config.data.name`` (see the module docstring)."""
+    """The `DataSource` named by ``config.data.name`` (see the module docstring).
+
+    Examples:
+      >>> from dmljax.configs.base import get_config
+      >>> from dmljax.data.sources import load_data_source
+      >>> config = get_config()
+      >>> config.data.name, config.data.image_size = "toy", 8
+      >>> source = load_data_source(config)
+      >>> print(source.name, source.num_classes, source.eval_set.query_images.shape)
+      toy 8 (32, 8, 8, 1)
+    """
     kind, arg = parse_source_name(config.data.name)
     if kind == "omniglot":
         return _load_omniglot(config)
@@ -334,7 +397,19 @@ def add_label_noise(config, labels: np.ndarray, num_classes: int) -> np.ndarray:
     """``data.label_noise`` > 0: corrupt exactly that fraction of the training labels
     (`dmljax.methods.label_noise.inject_label_noise`, kind ``data.label_noise_kind``; key
     ``fold_in(key(seed), 0x4E015E)``), as in the noisy-label experiments of BSPML. The test
-    labels stay clean; ``labels`` is returned unchanged when the rate is 0."""
+    labels stay clean; ``labels`` is returned unchanged when the rate is 0.
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.configs.base import get_config
+      >>> from dmljax.data.sources import add_label_noise
+      >>> config = get_config()
+      >>> config.data.label_noise = 0.25
+      >>> labels = np.repeat(np.arange(4, dtype=np.int32), 10)
+      >>> noisy = add_label_noise(config, labels, num_classes=4)
+      >>> print(noisy.shape, int((noisy != labels).sum()))
+      (40,) 10
+    """
     rate = float(config.data.label_noise)
     if rate == 0.0:
         return labels

@@ -72,6 +72,17 @@ def import_tensorflow():
 
     Raises:
       ImportError: TensorFlow is not installed; the message names the ``dmljax[tfds]`` extra.
+
+    Examples:
+      >>> import sys
+      >>> from unittest import mock
+      >>> from dmljax.data.tfds import import_tensorflow
+      >>> with mock.patch.dict(sys.modules, {"tensorflow": None}):  # as if TensorFlow were not installed
+      ...     try:
+      ...         import_tensorflow()
+      ...     except ImportError as e:
+      ...         print("dmljax[tfds]" in str(e))
+      True
     """
     try:
         import tensorflow as tf
@@ -98,6 +109,12 @@ class TfdsDmlSpec:
       num_train_classes: the first ``num_train_classes`` class ids train, the rest test.
       ink_high_grayscale: Omniglot: return 1 channel with ink = 255.
       has_bbox: the examples carry a ``bbox`` feature (``crop_to_bbox`` allowed).
+
+    Examples:
+      >>> from dmljax.data.tfds import DML_DATASETS
+      >>> spec = DML_DATASETS["caltech_birds2011"]  # a TfdsDmlSpec
+      >>> print(spec.num_classes, spec.num_train_classes, spec.has_bbox, spec.ink_high_grayscale)
+      200 100 True False
     """
 
     tfds_splits: tuple[str, ...]  # TFDS splits whose union is split by class
@@ -152,6 +169,22 @@ def dml_tf_dataset(
       resize: ``"stretch"`` to S x S, or ``"center_crop"`` (shorter side to S, central square).
       crop_to_bbox: crop CUB / Cars images to their bounding box first (some papers do; the
         standard protocol does not).
+
+    Examples:
+      >>> import sys
+      >>> from unittest import mock
+      >>> from dmljax.data.tfds import dml_tf_dataset
+      >>> try:  # arguments are checked first
+      ...     dml_tf_dataset("cars196", "validation", image_size=64)
+      ... except ValueError as e:
+      ...     print(e)
+      split must be 'train' or 'test' (the DML class split), got 'validation'
+      >>> with mock.patch.dict(sys.modules, {"tensorflow": None}):  # without the dmljax[tfds] extra
+      ...     try:
+      ...         dml_tf_dataset("cars196", "train", image_size=64)
+      ...     except ImportError as e:
+      ...         print("dmljax[tfds]" in str(e))
+      True
     """
     spec = _check_args(name, split, image_size, resize, crop_to_bbox)
     tf = import_tensorflow()
@@ -221,6 +254,17 @@ def iterate_batches(
     ``shuffle_buffer > 0`` shuffles with a buffer of that size (deterministic given ``seed``); for
     class-balanced training batches materialise with :func:`load_arrays` and use
     :mod:`dmljax.data.samplers`. Other keyword arguments go to :func:`dml_tf_dataset`.
+
+    Examples:
+      >>> import sys
+      >>> from unittest import mock
+      >>> from dmljax.data.tfds import iterate_batches
+      >>> with mock.patch.dict(sys.modules, {"tensorflow": None}):  # without the dmljax[tfds] extra
+      ...     try:
+      ...         next(iterate_batches("cars196", "train", batch_size=32, image_size=64))
+      ...     except ImportError as e:
+      ...         print("dmljax[tfds]" in str(e))
+      True
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -243,6 +287,15 @@ class DmlDataSource(Sequence):
 
     Attributes:
       labels: int32 [N], the labels of the split (read once when the source is built).
+
+    Examples:
+      >>> import tensorflow_datasets as tfds
+      >>> from dmljax.data.tfds import dml_data_source
+      >>> with tfds.testing.mock_data(num_examples=8):  # 8 random examples per TFDS split, no download
+      ...     source = dml_data_source("cars196", "test", image_size=8)
+      ...     example = source[0]
+      >>> print(type(source).__name__, example["image"].shape, example["image"].dtype, source.labels.dtype)
+      DmlDataSource (8, 8, 3) uint8 int32
     """
 
     def __init__(self, records: Sequence[Any], indices: np.ndarray, labels: np.ndarray, *,
@@ -320,6 +373,15 @@ def dml_data_source(
       download: let TFDS download and prepare the data if absent.
       resize: ``"stretch"`` to S x S, or ``"center_crop"`` (shorter side to S, central square).
       crop_to_bbox: crop CUB / Cars images to their bounding box first.
+
+    Examples:
+      >>> import tensorflow_datasets as tfds
+      >>> from dmljax.data.tfds import dml_data_source
+      >>> with tfds.testing.mock_data(num_examples=8):  # 8 random examples per TFDS split, no download
+      ...     train = dml_data_source("omniglot", "train", image_size=8)
+      ...     test = dml_data_source("omniglot", "test", image_size=8)
+      ...     print(len(train) + len(test), test[0]["image"].shape)  # one ink-high channel
+      16 (8, 8, 1)
     """
     spec = _check_args(name, split, image_size, resize, crop_to_bbox)
     import tensorflow_datasets as tfds
@@ -354,6 +416,14 @@ def load_arrays(name: str, split: str, *, image_size: int, reader: str = "data_s
       reader: ``"data_source"`` (default: ``tfds.data_source``, TensorFlow-free, PIL resize) or
         ``"tf_data"`` (``tf.data`` with TF's resize; needs the ``dmljax[tfds]`` extra).
       **kwargs: ``data_dir``, ``download``, ``resize``, ``crop_to_bbox``.
+
+    Examples:
+      >>> import tensorflow_datasets as tfds
+      >>> from dmljax.data.tfds import load_arrays
+      >>> with tfds.testing.mock_data(num_examples=8):  # 8 random examples per TFDS split, no download
+      ...     images, labels = load_arrays("cars196", "train", image_size=8)
+      >>> print(images.shape[1:], images.dtype, labels.dtype, bool((labels < 98).all()))
+      (8, 8, 3) uint8 int32 True
     """
     if reader not in _READERS:
         raise ValueError(f"reader must be one of {_READERS}, got {reader!r}")

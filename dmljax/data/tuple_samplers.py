@@ -75,6 +75,17 @@ class FixedSetOfTriplets:
       seed: non-negative int; the triplets and every epoch's order are functions of it.
     Attributes:
       triplets: int64 [num_triplets, 3] dataset indices (a, p, n).
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.data.tuple_samplers import FixedSetOfTriplets
+      >>> labels = np.array([0, 0, 1, 1, 2, 2])
+      >>> sampler = FixedSetOfTriplets(labels, num_triplets=10, triplets_per_batch=2, seed=0)
+      >>> print(sampler.triplets.shape, sampler.batch_size, sampler.steps_per_epoch)
+      (10, 3) 6 5
+      >>> a, p, n = labels[sampler.triplets].T
+      >>> print(bool(np.all(a == p)), bool(np.all(a != n)))
+      True True
     """
 
     def __init__(self, labels: Any, *, num_triplets: int, triplets_per_batch: int = 1, seed: int = 0):
@@ -153,6 +164,14 @@ def tuple_counts(positive_weights: jax.Array, negative_weights: jax.Array, *, tu
       "triplets" (PML (a, p, n), e.g. `dmljax.mining.batch_hard`, `mining.extra.angular_miner`:
         ``positive_weights[a, p]`` / ``negative_weights[a, n]`` count the triplets using the pair):
         as anchor ``rowsum(P)``, as positive ``colsum(P)``, as negative ``colsum(N)``.
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.data.tuple_samplers import tuple_counts
+      >>> positive = np.array([[0, 1, 0], [0, 0, 0], [0, 0, 0]])  # one triplet (0, 1, 2)
+      >>> negative = np.array([[0, 0, 1], [0, 0, 0], [0, 0, 0]])
+      >>> print(np.asarray(tuple_counts(positive, negative, tuples="triplets")).astype(int))
+      [1 1 1]
     """
     check_choice(tuples, name="tuples", choices=TUPLE_KINDS)
     p = jnp.asarray(positive_weights)
@@ -195,6 +214,18 @@ def tuple_weights(
       valid: optional bool [B].
     Returns:
       float [B] weights in [0, 1].
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from dmljax.data.tuple_samplers import tuple_weights
+      >>> from dmljax.masks import label_masks
+      >>> def positives_only(x, y):  # a toy miner: every positive pair, no negatives
+      ...     positive, negative = label_masks(y)
+      ...     return positive, jnp.zeros_like(negative)
+      >>> x = jnp.eye(4)
+      >>> w = tuple_weights(x, jnp.array([0, 0, 0, 1]), miner=positives_only)
+      >>> print([round(float(v), 4) for v in w])
+      [1.0, 1.0, 1.0, 0.0]
     """
     x = check_embeddings(embeddings)
     labels = check_labels(labels, batch_size=x.shape[0])
@@ -230,6 +261,15 @@ class TuplesToWeightsSampler:
       subset_size: items embedded and drawn per epoch (1 <= S <= N), or None for all N items.
         (PML silently samples the subset with replacement when S > N; here that raises.)
       seed: non-negative int.
+
+    Examples:
+      >>> import numpy as np
+      >>> from dmljax.data.tuple_samplers import TuplesToWeightsSampler
+      >>> sampler = TuplesToWeightsSampler(10, subset_size=4, seed=0)
+      >>> subset = sampler.subset_indices(epoch=0)
+      >>> drawn = sampler.epoch_indices(0, np.array([1.0, 0.0, 0.0, 0.0]))  # only the first subset item
+      >>> print(len(drawn), bool(np.all(drawn == subset[0])))
+      4 True
     """
 
     def __init__(self, num_items: int, *, subset_size: int | None = None, seed: int = 0):

@@ -1,17 +1,49 @@
 """Methods that change what the loss sees: hard-sample generation, augmentation in embedding
 space, batch construction, and denoising of labels.
 
-| method | functions / modules | paper | config flag (proposed) |
-|---|---|---|---|
-| DAML, adversarial hard-negative generator | `daml.HardNegativeGenerator`, `daml.daml_generator_loss`, `daml.daml_triplet_loss`, `daml.sample_triplets` | Duan et al., "Deep Adversarial Metric Learning", CVPR 2018 | `method.name="daml"` |
-| two-stage hard sample generation | `hard_sample_generation.piecewise_linear_manipulation`, `piecewise_linear_schedule`, `ConditionalRefiner`, `ConditionalDiscriminator`, `cgan_losses`, `adaptive_reverse_metric_loss` | seed 003, abstract 8 (piecewise-linear manipulation + cGAN + adaptive reverse metric) | `method.name="hard_sample_generation"` |
-| IAA, intra-class adaptive augmentation | `iaa.iaa_init`, `iaa_update`, `iaa_neighbor_correction`, `iaa_synthesize`, `iaa_strength_schedule` | Fu et al., IEEE TMM 2022 (arXiv 2211.16264) | `method.name="iaa"` |
-| DAS, densely-anchored sampling | `das.das_init`, `das_update`, `das_generate`, `das_augment` | Liu et al., ECCV 2022 | `method.name="das"` |
-| divide and conquer the embedding space | `divide_conquer.learner_slices`, `cluster_embeddings`, `cluster_masks`, `divide_and_conquer_loss`, `recluster_due`, `use_full_embedding` | Sanakoyeu et al., CVPR 2019 (arXiv 1906.05990) | `method.name="divide_conquer"` |
-| alternating projections onto feasible sets | `alternating_projection.alternating_projection_regularizer`, `projection_targets`, `representative_mask` (+ `dmljax.data.samplers.RepeatedCompositionSampler`) | Can et al., ICIP 2021 (arXiv 1907.07585) | `method.name="alternating_projection"` |
-| BSPML, balanced self-paced metric learning | `bspml.bspml_sample_weights`, `weighted_multi_similarity_loss`, `self_paced_age` | Zhang et al., AAAI 2023 (arXiv 2211.11751) | `method.name="bspml"` |
-| label-noise injection (experiments) | `label_noise.inject_label_noise` | symmetric / pair-flip noise (Han et al., NeurIPS 2018) | `data.label_noise`, `data.label_noise_kind` |
-| lifted-structured hard-negative batches | `lifted_sampling.lifted_hard_negative_batch` | Oh Song et al., CVPR 2016 (arXiv 1511.06452), Sec. 4 | `sampler.name="lifted_hard_negative"` (`dmljax.train.lifted_pool.LiftedHardNegativeSampler`: a batch sampler, not a `plugin` method) |
+.. list-table::
+   :header-rows: 1
+
+   * - method
+     - functions / modules
+     - paper
+     - config flag (proposed)
+   * - DAML, adversarial hard-negative generator
+     - `daml.HardNegativeGenerator`, `daml.daml_generator_loss`, `daml.daml_triplet_loss`, `daml.sample_triplets`
+     - Duan et al., "Deep Adversarial Metric Learning", CVPR 2018
+     - `method.name="daml"`
+   * - two-stage hard sample generation
+     - `hard_sample_generation.piecewise_linear_manipulation`, `piecewise_linear_schedule`, `ConditionalRefiner`, `ConditionalDiscriminator`, `cgan_losses`, `adaptive_reverse_metric_loss`
+     - seed 003, abstract 8 (piecewise-linear manipulation + cGAN + adaptive reverse metric)
+     - `method.name="hard_sample_generation"`
+   * - IAA, intra-class adaptive augmentation
+     - `iaa.iaa_init`, `iaa_update`, `iaa_neighbor_correction`, `iaa_synthesize`, `iaa_strength_schedule`
+     - Fu et al., IEEE TMM 2022 (arXiv 2211.16264)
+     - `method.name="iaa"`
+   * - DAS, densely-anchored sampling
+     - `das.das_init`, `das_update`, `das_generate`, `das_augment`
+     - Liu et al., ECCV 2022
+     - `method.name="das"`
+   * - divide and conquer the embedding space
+     - `divide_conquer.learner_slices`, `cluster_embeddings`, `cluster_masks`, `divide_and_conquer_loss`, `recluster_due`, `use_full_embedding`
+     - Sanakoyeu et al., CVPR 2019 (arXiv 1906.05990)
+     - `method.name="divide_conquer"`
+   * - alternating projections onto feasible sets
+     - `alternating_projection.alternating_projection_regularizer`, `projection_targets`, `representative_mask` (+ `dmljax.data.samplers.RepeatedCompositionSampler`)
+     - Can et al., ICIP 2021 (arXiv 1907.07585)
+     - `method.name="alternating_projection"`
+   * - BSPML, balanced self-paced metric learning
+     - `bspml.bspml_sample_weights`, `weighted_multi_similarity_loss`, `self_paced_age`
+     - Zhang et al., AAAI 2023 (arXiv 2211.11751)
+     - `method.name="bspml"`
+   * - label-noise injection (experiments)
+     - `label_noise.inject_label_noise`
+     - symmetric / pair-flip noise (Han et al., NeurIPS 2018)
+     - `data.label_noise`, `data.label_noise_kind`
+   * - lifted-structured hard-negative batches
+     - `lifted_sampling.lifted_hard_negative_batch`
+     - Oh Song et al., CVPR 2016 (arXiv 1511.06452), Sec. 4
+     - `sampler.name="lifted_hard_negative"` (`dmljax.train.lifted_pool.LiftedHardNegativeSampler`: a batch sampler, not a `plugin` method)
 
 Trainer integration: `plugin.make_method(name, base_loss, num_classes=..., dim=..., total_steps=...,
 **options)` returns ``Method(init, loss)``: every method as ONE scalar objective (adversarial

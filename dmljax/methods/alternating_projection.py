@@ -8,7 +8,7 @@ inter-class proximity); the set is the intersection of relaxed sets ``C_r`` that
 constraints only for one representative per class. Alternating projections onto the ``C_r`` are
 approximated by minimising the usual loss over batches that keep the same representatives for
 T iterations (`dmljax.data.samplers.RepeatedCompositionSampler`) plus a proximity regulariser
-that keeps the representatives' embeddings near the point obtained by the previous projection:
+that keeps the representatives' embeddings near the point obtained by the previous projection::
 
     R = weight / |reps| * sum_{i in reps} || f(x_i) - z_i ||^2
 

@@ -3,7 +3,7 @@
 Duan, Zheng, Lu, Zhou, Zhou, "Deep Adversarial Metric Learning", CVPR 2018.
 
 From a triplet (anchor ``a``, positive ``p``, negative ``n``) of embeddings a generator
-``g`` produces a synthetic negative ``s = g(a, p, n)``. The generator objective is
+``g`` produces a synthetic negative ``s = g(a, p, n)``. The generator objective is::
 
     J_gen = ||s - a||^2 + lambda_1 ||s - n||^2 + lambda_2 [ ||s - a||^2 - ||p - a||^2 - alpha ]_+
 
@@ -148,6 +148,8 @@ def daml_triplet_loss(
     triplet_valid: jax.Array | None = None,
 ) -> jax.Array:
     """Metric loss of DAML: triplet hinge on real and on synthetic negatives (squared euclidean).
+
+    ::
 
         J_m = real_weight      * mean_t [ |a - p|^2 - |a - n|^2 + margin ]_+
             + synthetic_weight * mean_t [ |a - p|^2 - |a - s|^2 + margin ]_+

@@ -1,7 +1,7 @@
 """One interface for the trainer: ``make_method(name, ...)`` -> `Method` (init + loss).
 
 Every method of this package becomes a single scalar objective so that the existing train step
-(one ``jax.value_and_grad``, one optax update) can run it:
+(one ``jax.value_and_grad``, one optax update) can run it::
 
     method = make_method(config.method.name, base_loss, num_classes=C, dim=D, total_steps=T, **options)
     method_params, method_state = method.init(key)            # trainable pytree, non-trainable pytree
@@ -76,17 +76,18 @@ def make_method(name: str, base_loss: Callable[..., jax.Array], *, num_classes: 
     """Build the `Method` ``name`` in `METHODS` around ``base_loss`` (see the module docstring).
 
     Options per method (defaults in parentheses):
-      daml: lambda_reg (1.0), lambda_adv (50.0), margin (0.2), synthetic_weight (1.0), hidden (None).
-      hard_sample_generation: margin (0.2), beta (0.1), lambda_recon (1.0), lambda_gan (0.1),
-        synthetic_weight (1.0); the metric's running loss J_avg is tracked in the state (EMA 0.9).
-      iaa: strength (0.8), num_augment (3), momentum (0.8), neighbor_correction (True).
-      das: num_produce (3), num_scale (4), bank_size (10), shift_scale (0.01), scale_range ((0.5, 2.0)).
-      divide_conquer: num_learners (4), finetune_fraction (0.0: the last fraction of ``total_steps``
-        trains the merged full embedding with the plain base loss, `use_full_embedding`; the
-        paper merges the learners at the end); ``cluster_ids`` [B] must be passed to ``loss``.
-      alternating_projection: weight (0.1), repeat (T of the sampler, 5), representatives ([B] bool, required).
-      bspml: age_initial (0.5), age_growth (1.1), steps_per_epoch (100), balance (1.0), alpha, beta,
-        base, epsilon (MS defaults 2, 50, 0.5, 0.1).
+
+    * daml: lambda_reg (1.0), lambda_adv (50.0), margin (0.2), synthetic_weight (1.0), hidden (None).
+    * hard_sample_generation: margin (0.2), beta (0.1), lambda_recon (1.0), lambda_gan (0.1),
+      synthetic_weight (1.0); the metric's running loss J_avg is tracked in the state (EMA 0.9).
+    * iaa: strength (0.8), num_augment (3), momentum (0.8), neighbor_correction (True).
+    * das: num_produce (3), num_scale (4), bank_size (10), shift_scale (0.01), scale_range ((0.5, 2.0)).
+    * divide_conquer: num_learners (4), finetune_fraction (0.0: the last fraction of ``total_steps``
+      trains the merged full embedding with the plain base loss, `use_full_embedding`; the
+      paper merges the learners at the end); ``cluster_ids`` [B] must be passed to ``loss``.
+    * alternating_projection: weight (0.1), repeat (T of the sampler, 5), representatives ([B] bool, required).
+    * bspml: age_initial (0.5), age_growth (1.1), steps_per_epoch (100), balance (1.0), alpha, beta,
+      base, epsilon (MS defaults 2, 50, 0.5, 0.1).
     """
     check_choice(name, name="name", choices=METHODS)
     opt = dict(options)

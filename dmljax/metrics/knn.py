@@ -17,10 +17,12 @@ the true top-k always lies in a kept chunk, so the result is exact.
 Peak memory is O(tile + N k + (N + M) D), independent of N * M, so 60k x 60k
 (Stanford Online Products) runs on a CPU with a few GiB or on one accelerator.
 
-Distances returned (ascending, nearest first):
+Distances returned (ascending, nearest first)::
+
   "euclidean": |q - g|;  "squared_euclidean": |q - g|^2;
   "cosine": 1 - cos(q, g) (cosine distance);  "dot": -<q, g>.
-Scores are computed as |q|^2 + |g|^2 - 2 <q, g> (clamped at 0), the usual matmul form.
+
+Scores are computed as ``|q|^2 + |g|^2 - 2 <q, g>`` (clamped at 0), the usual matmul form.
 
 Tie-breaking is deterministic: among neighbours at exactly the same distance the
 lower gallery index comes first (``lax.top_k`` is stable; kept chunks are merged in

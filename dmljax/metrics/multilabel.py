@@ -6,7 +6,7 @@ graded relevance is the number of shared labels.
 
 Inputs are the query multi-hot labels [Q, C], gallery multi-hot labels [N, C] and the ranked
 neighbour indices [Q, K] of each query into the gallery (e.g. from `dmljax.metrics.knn.knn`).
-All functions return the mean over queries.
+All functions return the mean over queries::
 
     precision@k = (1/k) sum_{r <= k} rel_r                                  (binary rel)
     mAP@k       = mean_q (1 / sum_{r<=k} rel_r) sum_{r <= k} rel_r P@r      (0 for a query with no

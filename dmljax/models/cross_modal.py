@@ -7,17 +7,17 @@ Model: two branches, a sketch encoder and a photo encoder, map each modality int
 L2-normalised embedding space (`TwoBranchEmbedding`).
 
 Loss (`modality_aware_triplet_loss`): batch-hard triplet terms (Hermans et al. 2017) of the
-three kinds of pairs the paper names, on the union of both modalities' batches:
+three kinds of pairs the paper names, on the union of both modalities' batches::
 
     L = w_cross * L_cross + w_intra * L_intra + w_mixed * L_mixed
 
-  L_cross: anchor in one modality, hardest positive and hardest negative both from the *other*
-           modality (the retrieval task: sketch query -> photo gallery and back);
-  L_intra: hardest positive and hardest negative from the anchor's *own* modality;
-  L_mixed: hardest positive from the other modality, hardest negative from the own modality,
-           i.e. a cross-modal positive must beat every same-modality negative: this is what
-           suppresses the modality gap (a sketch may not be closer to a sketch of another class
-           than to a photo of its own class).
+* L_cross: anchor in one modality, hardest positive and hardest negative both from the *other*
+  modality (the retrieval task: sketch query -> photo gallery and back);
+* L_intra: hardest positive and hardest negative from the anchor's *own* modality;
+* L_mixed: hardest positive from the other modality, hardest negative from the own modality,
+  i.e. a cross-modal positive must beat every same-modality negative: this is what
+  suppresses the modality gap (a sketch may not be closer to a sketch of another class
+  than to a photo of its own class).
 
 Each term is ``mean_a [d(a, p*) - d(a, n*) + margin]_+`` over anchors that have such a positive
 and negative. Deviation: the paper balances the three terms with an adaptive weighting during

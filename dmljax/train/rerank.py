@@ -11,7 +11,7 @@ ReLU hidden layers, one linear output, trained by MSE to
 `dmljax.models.similarity.train_similarity_network`), then, on the test set (every test item a
 query against all other test items, self excluded -- the Omniglot / CUB protocol), re-orders
 the top ``k`` of the metric (euclidean = cosine order for unit embeddings) kNN list of each
-query by descending network score and reports the metrics before and after:
+query by descending network score and reports the metrics before and after::
 
     recall@1, recall@k, map_at_r                 the metric kNN ranking
     recall@1_rerank, recall@k_rerank, map_at_r_rerank
