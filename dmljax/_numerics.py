@@ -218,13 +218,13 @@ segment_hinge_total.defvjp(_segment_hinge_fwd, _segment_hinge_bwd)
 class SortedNegatives(NamedTuple):
     """Each anchor's negatives sorted by distance (non-negatives last, key +inf).
 
-    keys: [B, M] ascending distances (no gradient), +inf for non-negatives.
-    order: [B, M] int32 column index of each sorted entry.
-    prefix: [B, M + 1] prefix sums of the sorted (centered) negative distances, differentiable;
+    - keys: [B, M] ascending distances (no gradient), +inf for non-negatives.
+    - order: [B, M] int32 column index of each sorted entry.
+    - prefix: [B, M + 1] prefix sums of the sorted (centered) negative distances, differentiable;
       ``prefix[a, k]`` = sum of the k closest negatives' ``d - center[a]``.
-    center: [B] per-anchor mean negative distance (no gradient), subtracted before the cumulative
+    - center: [B] per-anchor mean negative distance (no gradient), subtracted before the cumulative
       sum to limit cancellation in float32 (window sums are differences of prefix sums).
-    count: [B] int32 number of negatives.
+    - count: [B] int32 number of negatives.
     """
 
     keys: jax.Array

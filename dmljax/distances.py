@@ -36,13 +36,29 @@ def safe_sqrt(x: jax.Array, *, eps: float = 1e-12) -> jax.Array:
 
     The double ``where`` keeps NaN out of the backward pass: the branch not taken
     is evaluated at a safe point.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from dmljax.distances import safe_sqrt
+      >>> safe_sqrt(jnp.array([4.0, 0.0, -1.0])).tolist()
+      [2.0, 0.0, 0.0]
+      >>> float(jax.grad(safe_sqrt)(0.0))
+      0.0
     """
     positive = x > eps
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
 
 
 def l2_normalize(x: jax.Array, *, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-    """``x / max(||x||, eps)`` along ``axis``; zero vectors stay zero with finite gradient."""
+    """``x / max(||x||, eps)`` along ``axis``; zero vectors stay zero with finite gradient.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from dmljax.distances import l2_normalize
+      >>> x = l2_normalize(jnp.array([[3.0, 4.0], [0.0, 0.0]]))
+      >>> [round(float(v), 4) for v in x[0]], x[1].tolist()
+      ([0.6, 0.8], [0.0, 0.0])
+    """
     sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
     return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
@@ -59,7 +75,14 @@ def _prepare(x, y):
 
 
 def dot_product(x: jax.Array, y: jax.Array | None = None) -> jax.Array:
-    """Inner products ``S[i, j] = <x_i, y_j>``; [B, D], [M, D] -> [B, M] (a similarity)."""
+    """Inner products ``S[i, j] = <x_i, y_j>``; [B, D], [M, D] -> [B, M] (a similarity).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from dmljax.distances import dot_product
+      >>> dot_product(jnp.array([[1.0, 2.0], [3.0, 4.0]])).tolist()
+      [[5.0, 11.0], [11.0, 25.0]]
+    """
     x, y, _ = _prepare(x, y)
     return x @ y.T
 
@@ -68,6 +91,13 @@ def cosine_similarity(x: jax.Array, y: jax.Array | None = None) -> jax.Array:
     """Cosine similarities ``<x_i, y_j> / (|x_i| |y_j|)``; [B, D], [M, D] -> [B, M].
 
     Zero vectors have similarity 0 to everything (finite gradient).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from dmljax.distances import cosine_similarity
+      >>> s = cosine_similarity(jnp.array([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]]))
+      >>> s.shape, round(float(s[0, 1]), 4), float(s[2, 0])
+      ((3, 3), 0.7071, 0.0)
     """
     x, y, self_form = _prepare(x, y)
     xn = l2_normalize(x)
@@ -79,6 +109,12 @@ def squared_euclidean(x: jax.Array, y: jax.Array | None = None) -> jax.Array:
     """Squared euclidean distances ``|x_i - y_j|^2`` >= 0; [B, D], [M, D] -> [B, M].
 
     In the self form the diagonal is exactly 0.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from dmljax.distances import squared_euclidean
+      >>> squared_euclidean(jnp.array([[0.0, 0.0], [3.0, 4.0]])).tolist()
+      [[0.0, 25.0], [25.0, 0.0]]
     """
     x, y, self_form = _prepare(x, y)
     x_sq = jnp.sum(jnp.square(x), axis=1)
@@ -94,6 +130,13 @@ def euclidean(x: jax.Array, y: jax.Array | None = None) -> jax.Array:
     """Euclidean distances ``|x_i - y_j|``; [B, D], [M, D] -> [B, M].
 
     The gradient is finite everywhere: it is defined as 0 at zero distance.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from dmljax.distances import euclidean
+      >>> x = jnp.array([[0.0, 0.0], [3.0, 4.0]])
+      >>> euclidean(x, jnp.array([[0.0, 4.0]])).tolist()
+      [[4.0], [3.0]]
     """
     return safe_sqrt(squared_euclidean(x, y))
 
@@ -108,7 +151,13 @@ METRICS: dict[str, tuple[Callable[..., jax.Array], bool]] = {
 
 
 def is_similarity(metric: str) -> bool:
-    """True if larger values of ``metric`` mean closer items (cosine, dot)."""
+    """True if larger values of ``metric`` mean closer items (cosine, dot).
+
+    Examples:
+      >>> from dmljax.distances import is_similarity
+      >>> is_similarity("cosine"), is_similarity("euclidean")
+      (True, False)
+    """
     check_choice(metric, name="metric", choices=tuple(METRICS))
     return METRICS[metric][1]
 
@@ -117,6 +166,13 @@ def pairwise(x: jax.Array, y: jax.Array | None = None, *, metric: str = "euclide
     """Pairwise matrix [B, M] of ``metric`` in {"euclidean", "squared_euclidean", "cosine", "dot"}.
 
     Use `is_similarity(metric)` to know whether larger means closer.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from dmljax.distances import pairwise
+      >>> x = jnp.array([[0.0, 0.0], [3.0, 4.0]])
+      >>> pairwise(x, metric="euclidean").tolist(), pairwise(x, metric="dot").tolist()
+      ([[0.0, 5.0], [5.0, 0.0]], [[0.0, 0.0], [0.0, 25.0]])
     """
     check_choice(metric, name="metric", choices=tuple(METRICS))
     return METRICS[metric][0](x, y)

@@ -221,11 +221,11 @@ def match_metrics(distances, matches, threshold: float) -> dict[str, float]:
 class Calibration(NamedTuple):
     """Result of `calibrate_threshold`.
 
-    threshold: the chosen cut-off (accept a match when distance <= threshold); -inf when no
+    - threshold: the chosen cut-off (accept a match when distance <= threshold); -inf when no
       cut-off reaches the target (then nothing is accepted).
-    achieved: whether the target was reached.
-    metrics: match metrics at ``threshold`` (see `match_metrics`).
-    curve: dict of numpy arrays over the candidate thresholds (ascending): "threshold",
+    - achieved: whether the target was reached.
+    - metrics: match metrics at ``threshold`` (see `match_metrics`).
+    - curve: dict of numpy arrays over the candidate thresholds (ascending): "threshold",
       "precision", "recall", "fpr", "npv", "f1", "accuracy".
     """
 
@@ -240,11 +240,13 @@ def calibrate_threshold(distances, matches, *, target: str = "f1", value: float 
 
     Candidates are -inf (accept nothing) and every distinct match distance (accept all matches
     at or below it). Choice:
-      target="f1": the candidate with the highest F1 (``value`` must be None); ties -> the
+
+      - target="f1": the candidate with the highest F1 (``value`` must be None); ties -> the
         larger threshold (more accepted matches).
-      target="precision": the LARGEST threshold whose precision >= ``value`` (the most recall
+      - target="precision": the LARGEST threshold whose precision >= ``value`` (the most recall
         subject to the precision target; TF-Similarity's ``calibrate(..., "precision")``).
-      target="recall": the SMALLEST threshold whose recall >= ``value``.
+      - target="recall": the SMALLEST threshold whose recall >= ``value``.
+
     Metric definitions are in the module docstring.
 
     Args:

@@ -74,7 +74,7 @@ def negative_mask(labels, ref_labels=None, *, valid=None, ref_valid=None) -> jax
 
 
 def triplet_count(positive: jax.Array, negative: jax.Array) -> jax.Array:
-    """Number of valid (a, p, n) triplets, sum_a |P(a)| |N(a)|, without a B^3 tensor."""
+    """Number of valid (a, p, n) triplets, ``sum_a |P(a)| |N(a)|``, without a B^3 tensor."""
     return jnp.sum(
         jnp.sum(positive, axis=1, dtype=jnp.float32) * jnp.sum(negative, axis=1, dtype=jnp.float32)
     )

@@ -49,13 +49,14 @@ def reduce_loss(
     """Reduce per-element loss ``values`` with 0/1 or real ``weights`` of the same shape.
 
     reduction:
-      "mean": weighted mean over elements with weight != 0 (the default of the papers).
-      "sum": weighted sum.
-      "mean_nonzero": mean over elements whose loss is > ``threshold`` (PML's
+
+      - "mean": weighted mean over elements with weight != 0 (the default of the papers).
+      - "sum": weighted sum.
+      - "mean_nonzero": mean over elements whose loss is > ``threshold`` (PML's
         AvgNonZeroReducer); the gradient ignores the count, as in PML.
-      "threshold": mean over elements with ``low < value < high`` (either bound optional),
+      - "threshold": mean over elements with ``low < value < high`` (either bound optional),
         PML's ThresholdReducer.
-      "none": ``values * weights`` of the input shape (0 where weight is 0).
+      - "none": ``values * weights`` of the input shape (0 where weight is 0).
 
     Class-weighted reduction (PML ClassWeightedReducer) is ``weights = class_weights[labels]``
     broadcast to the elements; per-anchor reduction is ``reduction="none"`` followed by a mean

@@ -7,7 +7,7 @@ layout: PyTorch Metric Learning stores ``W`` as [D, C]; ``weights = W.T``.
 Numerics shared by all margin losses:
   * inputs are upcast to at least float32 (bf16 is accumulated in float32);
   * the cosine of the target class is clamped to [-1 + eps, 1 - eps] before
-    ``sqrt(1 - cos^2)`` / ``arccos`` so values and gradients stay finite at |cos| = 1
+    ``sqrt(1 - cos^2)`` / ``arccos`` so values and gradients stay finite at ``|cos| = 1``
     (an embedding equal to its class weight);
   * the softmax cross entropy uses ``logsumexp``.
 
@@ -347,7 +347,7 @@ def sphereface_loss(
     Logits ``s |x_i| cos t_j`` for j != y_i and, for the target class,
     ``s |x_i| (lambda cos t + psi(t)) / (1 + lambda)`` with
     ``psi(t) = (-1)^k cos(m t) - 2k``, t in [k pi/m, (k+1) pi/m], k in {0..m-1}.
-    Weights are L2-normalised (A-Softmax sets |W| = 1, b = 0); the embedding norm is kept.
+    Weights are L2-normalised (A-Softmax sets ``|W| = 1``, ``b = 0``); the embedding norm is kept.
 
     Reference: Liu et al., "SphereFace: Deep Hypersphere Embedding for Face Recognition",
     CVPR 2017 (arXiv 1704.08063); m = 4 from the paper. The paper trains with an annealed
@@ -358,7 +358,7 @@ def sphereface_loss(
 
     Args:
       embeddings [B, D] (not normalised: the norm is part of the logit), labels [B] int,
-      weights [C, D]; margin: integer m >= 1; scale > 0; lambda_ >= 0; valid; reduction.
+      weights [C, D]; margin: integer m >= 1; scale > 0; ``lambda_ >= 0``; valid; reduction.
     """
     margin = _check_int_margin(margin)
     _check_common(scale, reduction)

@@ -50,7 +50,7 @@ __all__ = [
 
 
 def huber(x: jax.Array, *, delta: float = 1.0) -> jax.Array:
-    """Huber loss 0.5 x^2 for |x| <= delta, delta (|x| - 0.5 delta) beyond (smooth L1 for delta=1)."""
+    """Huber loss ``0.5 x^2`` for ``|x| <= delta``, ``delta (|x| - 0.5 delta)`` beyond (smooth L1 for delta=1)."""
     ax = jnp.abs(x)
     return jnp.where(ax <= delta, 0.5 * jnp.square(x), delta * (ax - 0.5 * delta))
 

@@ -3,7 +3,7 @@
 Sumbul, Ravanbakhsh, Demir, "Informative and Representative Triplet Selection for Multi-Label
 Remote Sensing Image Retrieval" (IEEE TGRS 2021, arXiv 2105.03647; seed 003 abstract 17).
 
-Labels are multi-hot rows y_i in {0, 1}^C (bool, int or float 0/1). Relations:
+Labels are multi-hot rows y_i in {0, 1}^C (bool, int or float 0/1). Relations::
 
     shared(i, j)  = |y_i AND y_j|                            (shared-label count)
     jaccard(i, j) = |y_i AND y_j| / |y_i OR y_j|   (0 when both rows are empty)
@@ -67,13 +67,13 @@ def _pair_labels(multi_hot, ref):
 
 
 def shared_label_count(multi_hot: jax.Array, ref_multi_hot: jax.Array | None = None) -> jax.Array:
-    """[B, M] float: number of labels items i and j share (|y_i AND y_j|)."""
+    """[B, M] float: number of labels items i and j share (``|y_i AND y_j|``)."""
     y, r = _pair_labels(multi_hot, ref_multi_hot)
     return y @ r.T
 
 
 def jaccard_relevance(multi_hot: jax.Array, ref_multi_hot: jax.Array | None = None) -> jax.Array:
-    """[B, M] float in [0, 1]: |y_i AND y_j| / |y_i OR y_j| (0 when both are empty)."""
+    """[B, M] float in [0, 1]: ``|y_i AND y_j| / |y_i OR y_j|`` (0 when both are empty)."""
     y, r = _pair_labels(multi_hot, ref_multi_hot)
     inter = y @ r.T
     union = jnp.sum(y, 1)[:, None] + jnp.sum(r, 1)[None, :] - inter

@@ -139,7 +139,7 @@ def fastap_loss(
         FastAP_i = 1 / |P_i| * sum_l h+_l H+_l / H_l           (terms with H_l = 0 are 0)
         loss_i = 1 - FastAP_i
 
-    reduced over anchors with |P_i| > 0 (``reduction="mean"``, as PML).
+    reduced over anchors with ``|P_i| > 0`` (``reduction="mean"``, as PML).
 
     Args:
       embeddings: [B, D] float (normalised inside).
@@ -194,8 +194,8 @@ def smooth_ap_loss(
 
     Only the ranks of positives enter AP, so the (i, k, j) comparisons are made for positive
     pairs (i, k) only: a loop over "positive slots" t (the t-th positive of every anchor at
-    once, one B x B pass each) that runs max_i |P_i| times, with a hand-written backward of
-    the same form (``jax.custom_vjp``). Time O(B^2 max_i |P_i|) instead of O(B^3) (B^2 * 4
+    once, one B x B pass each) that runs ``max_i |P_i|`` times, with a hand-written backward of
+    the same form (``jax.custom_vjp``). Time ``O(B^2 max_i |P_i|)`` instead of O(B^3) (B^2 * 4
     for 4 images per class), memory O(B^2) in the forward and backward pass.
 
     Args:

@@ -115,7 +115,7 @@ def eet_loss(
     Triplet-based Loss for Product Image Search", WWW 2020 (seed 001). The full paper was
     not available; the terms below are our reading of the seed article and of a published
     summary of the paper's equations (d = euclidean distance, N triplets, M classes in the
-    batch):
+    batch)::
 
       margin constraint    L_MC = 1/N sum_(a,p,n) [d(a,p) - d(a,n) + margin]_+
       equidistant          L_EC = 1/N sum_(a,p,n) |d(a,n) - d(p,n)|
@@ -210,7 +210,7 @@ def cbml_loss(
     Metric Learning", IEEE TPAMI 2023 (arXiv 2210.04402; seed 003). The paper's text was
     not available here; this follows the authors' released code (github kanshichao/CBML,
     ``cbml_benchmark/losses/cbml.py``), whose defaults are used. With cosine similarities
-    ``S`` and, per anchor i:
+    ``S`` and, per anchor i::
 
       P_i = {j: y_j = y_i, S_ij < 1 - 1e-5} (the anchor itself and exact duplicates excluded),
       N_i = {j: y_j != y_i}, both non-empty or the anchor is skipped;
@@ -307,7 +307,7 @@ def gaussian_mixture_structured_loss(
     function that imposes Gaussian structures on the output space ... a mixture of
     Gaussians solution space ... mean representatives at the centroids of individual
     classes". The paper's equations were not available; this is our formalisation of
-    that description (assumptions stated):
+    that description (assumptions stated)::
 
       * each class c present in the batch is one isotropic Gaussian component
         N(mu_c, sigma^2 I) with equal priors; mu_c is the batch centroid of class c

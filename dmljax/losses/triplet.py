@@ -128,15 +128,17 @@ def triplet_margin_loss(
     """Triplet margin loss ``[d(a,p) - d(a,n) + margin]_+`` (Weinberger & Saul 2009; FaceNet 2015).
 
     Triplet sets (``mining``):
-      "all": every valid (a, p, n) in the batch (PML ``TripletMarginLoss`` without a miner).
+
+      - "all": every valid (a, p, n) in the batch (PML ``TripletMarginLoss`` without a miner).
         O(B^2) memory by sorted prefix sums (see the module docstring).
-      "semihard": FaceNet (Schroff et al. 2015): for each positive pair (a, p) the closest
+      - "semihard": FaceNet (Schroff et al. 2015): for each positive pair (a, p) the closest
         negative with d(a, p) < d(a, n) < d(a, p) + margin (`dmljax.mining.miners.semihard_negatives`;
         ``semihard_fallback`` "none" | "tfa" | "hardest" decides pairs without one, default "none":
         they do not count; "tfa" reproduces TF-Addons ``triplet_semihard_loss``).
-      "semihard_triplets": every triplet with 0 < d(a, n) - d(a, p) <= margin (PML
+      - "semihard_triplets": every triplet with 0 < d(a, n) - d(a, p) <= margin (PML
         ``TripletMarginMiner(type_of_triplets="semihard")`` + ``TripletMarginLoss``), O(B^2) memory.
-      "batch_hard": Hermans et al. 2017: per anchor the farthest positive and closest negative.
+      - "batch_hard": Hermans et al. 2017: per anchor the farthest positive and closest negative.
+
     ``metric``: "euclidean" (default, FaceNet/Hermans), "squared_euclidean" (FaceNet's formula
     on squared distances), "cosine" or "dot" (similarities s: the loss is
     ``[s(a,n) - s(a,p) + margin]_+``, PML's convention for CosineSimilarity).

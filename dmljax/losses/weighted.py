@@ -267,7 +267,7 @@ def circle_loss(
 ) -> jax.Array:
     """Circle loss, pair-wise form (Sun et al., CVPR 2020, Eq. 6-8).
 
-    With cosine similarities, per anchor the positives s_p and negatives s_n:
+    With cosine similarities, per anchor the positives s_p and negatives s_n::
 
         alpha_p = [1 + m - s_p]_+,   alpha_n = [s_n + m]_+      (not differentiated)
         L_a = softplus( logsumexp_n gamma alpha_n (s_n - m)

@@ -71,9 +71,9 @@ def _check_inputs(dist, positive, negative, similarity):
 class BatchHard(NamedTuple):
     """Batch-hard mining result.
 
-    positive_weights: [B, M] one-hot rows selecting the hardest (farthest) positive.
-    negative_weights: [B, M] one-hot rows selecting the hardest (closest) negative.
-    valid: [B] bool, the anchor has at least one positive and one negative; rows of
+    - positive_weights: [B, M] one-hot rows selecting the hardest (farthest) positive.
+    - negative_weights: [B, M] one-hot rows selecting the hardest (closest) negative.
+    - valid: [B] bool, the anchor has at least one positive and one negative; rows of
       invalid anchors are all zero in both weight matrices.
     """
 
@@ -142,11 +142,12 @@ def semihard_negatives(
 
     When no semi-hard negative exists, ``fallback`` decides (the choice is documented because
     implementations differ):
-      "none" (default, the FaceNet definition): the pair gets no negative (valid False).
-      "tfa": TF-Addons behaviour: the closest negative farther than d(a, p) even beyond the
+
+      - "none" (default, the FaceNet definition): the pair gets no negative (valid False).
+      - "tfa": TF-Addons behaviour: the closest negative farther than d(a, p) even beyond the
         margin (its hinge is 0), else (all negatives closer than the positive) the farthest
         negative; every positive pair of an anchor with negatives is valid.
-      "hardest": the hardest negative, argmin_n d(a, n).
+      - "hardest": the hardest negative, argmin_n d(a, n).
 
     Each anchor's negative distances are sorted once and every positive's threshold is found
     by ``searchsorted``: O(B M) memory.
@@ -198,10 +199,11 @@ def hard_negatives(
 ) -> jax.Array:
     """Bool [B, M] mask of negatives that violate the margin for the anchor's positives.
 
-    mode "any": n is hard for a when ``d(a, n) < d(a, p) + margin`` for at least one positive p,
+    - mode "any": n is hard for a when ``d(a, n) < d(a, p) + margin`` for at least one positive p,
       i.e. w.r.t. the hardest positive: ``d(a, n) < max_p d(a, p) + margin`` (the negatives that
       make at least one triplet (a, p, n) active; Schroff et al. 2015's hard negatives with a margin).
-    mode "all": violates it for every positive: ``d(a, n) < min_p d(a, p) + margin``.
+    - mode "all": violates it for every positive: ``d(a, n) < min_p d(a, p) + margin``.
+
     Anchors without positives have no hard negatives. Cost O(B M).
     """
     d, positive, negative = _check_inputs(dist, positive, negative, similarity)
@@ -247,10 +249,10 @@ def pair_margin(
 class TripletStats(NamedTuple):
     """Training diagnostics (DESIGN.md: a loss equal to the margin usually means collapse).
 
-    num_triplets: number of valid (a, p, n) triplets.
-    num_active: triplets with ``d_ap - d_an + margin > 0``.
-    fraction_active: num_active / max(num_triplets, 1).
-    mean_positive, mean_negative: mean distance over positive / negative pairs (in the
+    - num_triplets: number of valid (a, p, n) triplets.
+    - num_active: triplets with ``d_ap - d_an + margin > 0``.
+    - fraction_active: num_active / max(num_triplets, 1).
+    - mean_positive, mean_negative: mean distance over positive / negative pairs (in the
       direction of ``dist``: similarities when ``similarity=True``).
     """
 
