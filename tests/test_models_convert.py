@@ -85,7 +85,8 @@ def _randomize_bn_stats(model):
             m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
 
 
-@pytest.mark.parametrize("block,tblock", [("basic", TorchBasicBlock), ("bottleneck", TorchBottleneck)])
+@pytest.mark.parametrize("block,tblock", [pytest.param("basic", TorchBasicBlock, marks=pytest.mark.slow),  # ~28 s
+                                          ("bottleneck", TorchBottleneck)])
 def test_resnet_matches_torch_after_conversion(block, tblock, tmp_path):
     torch.manual_seed(0)
     tmodel = TorchResNet(tblock, (1, 1, 1, 1), 8).eval()

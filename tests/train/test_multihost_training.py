@@ -162,6 +162,7 @@ def test_two_processes_equal_one_process_and_only_process_zero_writes(reference_
     assert "recall@1" in (tmp / "two.log.0").read_text()
 
 
+@pytest.mark.slow  # ~80 s (3 multi-process launches); the 2-process equivalence test stays in the default run
 def test_sigkill_then_resume_ends_like_an_uninterrupted_run(reference_runs, tmp_path):
     workdir = tmp_path / "killed"
     procs = launch(tmp_path, workdir, processes=2, devices=2, tag="killed")

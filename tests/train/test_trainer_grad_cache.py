@@ -41,6 +41,7 @@ def test_chunked_run_equals_unchunked_with_frozen_batch_norm(tmp_path):
     assert info["embed_chunk_size"] == 4 and info["embed_chunks_per_step"] == 4
 
 
+@pytest.mark.slow  # ~17 s; chunked == unchunked is covered by the frozen-BN and data-parallel tests
 def test_chunked_batch_norm_differs_per_chunk_but_one_chunk_matches(tmp_path):
     """BN in train mode: chunks of 4 normalise with their own statistics (different losses after
     the first update), a single chunk of the whole batch is the plain step."""
