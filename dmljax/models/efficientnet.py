@@ -4,7 +4,7 @@ the Lite variants of the TensorFlow TPU repository, ``efficientnet/lite``) as Fl
 Lite = EfficientNet-B without squeeze-and-excitation, ReLU6 instead of swish, and the stem (32
 channels) and head (1280 channels) kept fixed while width / depth scale. Architecture (as the
 TF builder ``efficientnet_lite_builder.py`` and the PyTorch port ``efficientnet-lite-pytorch``,
-whose ImageNet checkpoints `dmljax.models.convert.load_efficientnet_lite_torch` converts):
+whose ImageNet checkpoints `dmljax.models.convert.load_efficientnet_lite_torch` converts)::
 
     stem   3x3 conv stride 2 -> BN -> ReLU6                      (32 channels)
     blocks MBConv: [1x1 expand -> BN -> ReLU6] -> kxk depthwise (stride s) -> BN -> ReLU6
@@ -206,11 +206,12 @@ def efficientnet_lite(variant: str = "lite0", *, num_classes: int | None = 1000,
                       dtype: Any = None, rngs: nnx.Rngs | None = None, **kwargs) -> EfficientNetLite:
     """EfficientNet-Lite ``variant`` ("lite0" | "lite1" | "lite2").
 
-    pretrained: None (random initialisation) or a local weights file: ``.safetensors`` written
-      by `dmljax.models.convert.save_safetensors` (numpy only, no torch), or the torch
-      checkpoint ``.pth`` of ``efficientnet-lite-pytorch`` / an ``.npz`` of its keys
-      (`dmljax.models.convert.load_efficientnet_lite_torch`). With ``num_classes=None`` the
-      checkpoint's classifier is ignored. Never downloads.
+    ``pretrained``: None (random initialisation) or a local weights file: ``.safetensors``
+    written by `dmljax.models.convert.save_safetensors` (numpy only, no torch), or the torch
+    checkpoint ``.pth`` of ``efficientnet-lite-pytorch`` / an ``.npz`` of its keys
+    (`dmljax.models.convert.load_efficientnet_lite_torch`). With ``num_classes=None`` the
+    checkpoint's classifier is ignored. Never downloads.
+
     kwargs go to `EfficientNetLite` (e.g. ``dropout_rate``).
     """
     if variant not in EFFICIENTNET_LITE_VARIANTS:

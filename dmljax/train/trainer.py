@@ -16,7 +16,7 @@ is data-parallel over ``jax.devices()`` of all processes, each process loads and
 its rows of the global batch, embeds only its share of the test set (the embeddings are
 all-gathered, so every process computes the same metrics), only process 0 prints and writes the
 logs / ``final.json`` / ``run_info.json`` / ``config.json``, and every process takes part in the
-orbax checkpoints (the state is saved as replicated global ``jax.Array``s; a checkpoint of any
+orbax checkpoints (the state is saved as replicated global ``jax.Array`` objects; a checkpoint of any
 process count resumes with any other).
 """
 
